@@ -1,0 +1,264 @@
+"""Byte-level access to a store root: local directory or any fsspec URL (s3://, gs://, memory://...).
+
+Everything the ledger, claims and checksums need, with the two primitives publication
+relies on:
+
+- `write_atomic(rel, data)`: readers see the old or the new object, never a partial one.
+  Local: temp file in the same directory + fsync + os.replace. Object stores: one PUT.
+- `create_exclusive(rel, data) -> bool`: create-if-absent with full content, False if it
+  exists. Local: temp file + os.link (atomic, fails if the name exists; falls back to
+  O_CREAT|O_EXCL where hard links are unsupported). S3 (s3fs): conditional PUT
+  (If-None-Match: *), atomic on AWS S3 and moto. Other fsspec backends: best effort
+  (exists check + write + read back to verify), with a warning.
+
+Nothing is written outside the root: relative paths with '..' or a leading '/' are refused.
+
+Usage::
+
+    from cache_store.backend import open_backend
+    be = open_backend("s3://bucket/store", {"endpoint_url": "http://127.0.0.1:5000", "key": "x", "secret": "x"})
+    be.create_exclusive("ledger/shard-000001.json", b"{...}")   # True once, then False
+    be.list("ledger")                                             # ["shard-000001.json", "store.json"]
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _check_rel(rel: str) -> str:
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"path {rel!r} must be relative to the store root without '.', '..' or empty parts")
+    return rel
+
+
+def is_local_url(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+class Backend(ABC):
+    """Byte access relative to a store root."""
+
+    url: str
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes:
+        """Whole object; FileNotFoundError if absent."""
+
+    def try_read(self, rel: str) -> bytes | None:
+        try:
+            return self.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+
+    def read_many(self, rels: list[str]) -> dict[str, bytes]:
+        """Objects that exist among `rels` (missing ones omitted)."""
+        out = {}
+        for r in rels:
+            b = self.try_read(r)
+            if b is not None:
+                out[r] = b
+        return out
+
+    @abstractmethod
+    def write_atomic(self, rel: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def create_exclusive(self, rel: str, data: bytes) -> bool: ...
+
+    @abstractmethod
+    def list(self, rel: str) -> list[str]:
+        """Sorted base names directly under `rel` (hidden '.'-names skipped); [] if absent."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool: ...
+
+    @abstractmethod
+    def zarr_store(self, read_only: bool = False) -> Any: ...
+
+    def describe(self, rel: str = "") -> str:
+        return f"{self.url.rstrip('/')}/{rel}" if rel else self.url
+
+    def prepare_rewrite(self, rel_dir: str, name_prefix: str) -> None:
+        """Drop leftovers of an interrupted write of one shard file (local temp files). Default: nothing."""
+
+    def sync_file(self, rel: str) -> None:
+        """Make a written data file durable before it is published. Default: nothing (object stores)."""
+
+
+class LocalBackend(Backend):
+    def __init__(self, url: str) -> None:
+        path = url[len("file://"):] if url.startswith("file://") else url
+        self.root = Path(os.path.abspath(os.path.expanduser(path)))
+        self.url = str(self.root)
+
+    def _p(self, rel: str) -> Path:
+        return self.root / _check_rel(rel)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._p(rel).read_bytes()
+
+    def _write_tmp(self, path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        path = self._p(rel)
+        tmp = self._write_tmp(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        path = self._p(rel)
+        tmp = self._write_tmp(path, data)
+        try:
+            os.link(tmp, path)  # atomic; EEXIST if the name is taken
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            logger.warning("hard links unsupported under %s; using O_CREAT|O_EXCL", self.root)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def list(self, rel: str) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self._p(rel)) if not n.startswith("."))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def exists(self, rel: str) -> bool:
+        return self._p(rel).exists()
+
+    def zarr_store(self, read_only: bool = False) -> Any:
+        from zarr.storage import LocalStore
+
+        return LocalStore(self.root, read_only=read_only)
+
+    def prepare_rewrite(self, rel_dir: str, name_prefix: str) -> None:
+        # zarr's LocalStore writes "<name>.<uuid>.partial" then renames; a killed writer leaves them.
+        d = self._p(rel_dir)
+        if not d.is_dir():
+            return
+        for n in os.listdir(d):
+            if n.startswith(name_prefix + ".") and n.endswith(".partial"):
+                (d / n).unlink(missing_ok=True)
+
+    def sync_file(self, rel: str) -> None:
+        try:
+            fd = os.open(self._p(rel), os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class FsspecBackend(Backend):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        import fsspec
+
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
+        self.root = root.rstrip("/")
+        self.url = url.rstrip("/")
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self.atomic_create = any(p in ("s3", "s3a") for p in protocols)
+        if not self.atomic_create:
+            logger.warning(
+                "%s: backend %s has no known atomic create-if-absent; claims and records use a best-effort "
+                "exists-check + read-back. Use one writer per shard explicitly for this backend.", url, protocols,
+            )
+
+    def _p(self, rel: str) -> str:
+        return f"{self.root}/{_check_rel(rel)}"
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._p(rel))
+
+    def read_many(self, rels: list[str]) -> dict[str, bytes]:
+        if not rels:
+            return {}
+        paths = {self._p(r): r for r in rels}
+        got = self.fs.cat(list(paths), on_error="omit")  # concurrent on async backends (s3fs)
+        # fsspec may return keys with or without the protocol; map them back by suffix.
+        out = {}
+        for k, v in got.items():
+            k = k.split("://", 1)[-1]
+            if k in paths and not isinstance(v, Exception):
+                out[paths[k]] = v
+        return out
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        self.fs.pipe_file(self._p(rel), data)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        path = self._p(rel)
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        if self.atomic_create:
+            return True
+        try:  # best effort: a racing writer may have replaced our bytes
+            return self.fs.cat_file(path) == data
+        except FileNotFoundError:
+            return False
+
+    def list(self, rel: str) -> list[str]:
+        path = self._p(rel)
+        self.fs.invalidate_cache(path)
+        try:
+            names = self.fs.ls(path, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = sorted({n.rstrip("/").rsplit("/", 1)[-1] for n in names})
+        return [n for n in out if not n.startswith(".")]
+
+    def exists(self, rel: str) -> bool:
+        path = self._p(rel)
+        self.fs.invalidate_cache(path)
+        return bool(self.fs.exists(path))
+
+    def zarr_store(self, read_only: bool = False) -> Any:
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
+
+
+def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Backend:
+    """LocalBackend for plain paths / file://, FsspecBackend otherwise."""
+    if is_local_url(url):
+        if storage_options:
+            logger.warning("storage_options ignored for local path %s", url)
+        return LocalBackend(url)
+    return FsspecBackend(url, storage_options)

@@ -1,0 +1,148 @@
+"""Backbone: load a Llama/Qwen2-family causal LM, add KaVa's tokens, attach the latent projection, wrap in LoRA.
+
+Usage:
+    from kava_dist.backbone import load_backbone, add_lora, parts
+    model, tokenizer, special = load_backbone(cfg.model, latent=cfg.latent, device="cuda")
+    model = add_lora(model, special, cfg.lora, cfg.latent)       # peft model: only LoRA, projection, new tokens train
+    lm, decoder, prj = parts(model)                             # CausalLM, its decoder stack, the projection
+    teacher = load_teacher(cfg.model, device="cuda")            # base + teacher adapter merged, eval, frozen
+
+The projection lives on the CausalLM as `kava_prj` and is listed in peft's `modules_to_save`, so it trains and
+is saved with the adapter; the new-token embeddings go through peft's `trainable_token_indices`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kava_dist.config import LatentConfig, LoraSettings, ModelConfig
+from kava_dist.prompts import SpecialIds, add_special_tokens
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "qwen2")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class LatentProjection(nn.Module):
+    """Hidden state -> next latent input: [Dropout] -> Linear -> GELU -> Linear -> LayerNorm (PCCoT `prj`)."""
+
+    def __init__(self, d_model: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_model, d_model), nn.GELU(),
+                                 nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
+
+    def forward(self, h_BMd: torch.Tensor) -> torch.Tensor:
+        return self.net(h_BMd)
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    dtype = DTYPES[name]
+    if torch.device(device).type == "cpu" and dtype == torch.float16:
+        raise ValueError("model.dtype=float16 is not supported on CPU; use bfloat16 or float32.")
+    return dtype
+
+
+def load_tokenizer(mcfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": mcfg.gguf_file} if mcfg.gguf_file else {}
+    if mcfg.revision:
+        kwargs["revision"] = mcfg.revision
+    return AutoTokenizer.from_pretrained(_checked_path(mcfg), **kwargs)
+
+
+def _checked_path(mcfg: ModelConfig) -> str:
+    if not mcfg.name_or_path:
+        raise ValueError("model.name_or_path is empty. Set it to a local checkpoint dir or a hub name.")
+    p = Path(mcfg.name_or_path)
+    if (p.is_absolute() or mcfg.name_or_path.startswith(".")) and not p.exists():
+        raise FileNotFoundError(f"model.name_or_path={p} does not exist. Point it at a checkpoint dir.")
+    if mcfg.gguf_file and not (p / mcfg.gguf_file).exists():
+        raise FileNotFoundError(f"model.gguf_file={mcfg.gguf_file} not found in {p}.")
+    return mcfg.name_or_path
+
+
+def load_backbone(mcfg: ModelConfig, latent: LatentConfig | None = None, device: str | torch.device = "cpu"):
+    """Frozen base model + tokenizer with KaVa tokens (embeddings resized) and, if `latent`, the projection."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(mcfg)
+    special = add_special_tokens(tokenizer)
+    dtype = resolve_dtype(mcfg.dtype, device)
+    kwargs = {"gguf_file": mcfg.gguf_file} if mcfg.gguf_file else {}
+    if mcfg.revision:
+        kwargs["revision"] = mcfg.revision
+    model = AutoModelForCausalLM.from_pretrained(_checked_path(mcfg), dtype=dtype,
+                                                 attn_implementation=mcfg.attn_implementation, **kwargs)
+    if model.config.model_type not in SUPPORTED:
+        raise ValueError(f"model_type {model.config.model_type!r} is not supported; kava handles {SUPPORTED} "
+                         "(their attention has no q/k norm, which the teacher hooks rely on).")
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = special.pad
+    model.kava_prj = LatentProjection(model.config.hidden_size, latent.projection_dropout) if (
+        latent is not None and latent.use_projection) else nn.Identity()
+    model.kava_prj.to(device=device, dtype=dtype)
+    model.to(device)
+    model.requires_grad_(False)
+    return model, tokenizer, special
+
+
+def new_token_ids(special: SpecialIds, base_vocab: int | None = None) -> list[int]:
+    ids = [special.bot, special.eot, special.latent]
+    if base_vocab is None or special.pad >= base_vocab:
+        ids.append(special.pad)
+    return sorted(set(ids))
+
+
+def add_lora(model, special: SpecialIds, lcfg: LoraSettings, latent: LatentConfig):
+    """Wrap in peft LoRA; train LoRA, the projection (modules_to_save) and the new-token embeddings."""
+    from peft import LoraConfig, get_peft_model
+
+    save = ["kava_prj"] if latent.use_projection else []
+    tokens = {"embed_tokens": new_token_ids(special)} if lcfg.train_new_tokens else None
+    targets = lcfg.target_modules if lcfg.enabled else ["__none__"]
+    pcfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=targets,
+                      modules_to_save=save or None, trainable_token_indices=tokens, task_type="CAUSAL_LM")
+    if not lcfg.enabled:
+        pcfg.target_modules = set()
+        pcfg.r = 1
+    peft_model = get_peft_model(model, pcfg)
+    n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in peft_model.parameters())
+    log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
+    return peft_model
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool):
+    """Load a saved kava adapter (LoRA + projection + token deltas) onto a base from `load_backbone`."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json. Point at the `adapter/` dir that "
+                                "train.stage=teacher (or student) exported.")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def load_teacher(mcfg: ModelConfig, device: str | torch.device = "cpu"):
+    """The frozen teacher: base (+ teacher adapter, merged) in eval mode. Returns (model, tokenizer, special)."""
+    model, tokenizer, special = load_backbone(mcfg, latent=None, device=device)
+    if mcfg.teacher_adapter:
+        model = load_adapter(model, mcfg.teacher_adapter, trainable=False).merge_and_unload()
+    model.eval().requires_grad_(False)
+    return model, tokenizer, special
+
+
+def parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(CausalLM, decoder stack, projection) of a plain or peft-wrapped model."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm, lm.model, lm.kava_prj if hasattr(lm, "kava_prj") else nn.Identity()
+
+
+def decoder_layers(model) -> list[nn.Module]:
+    return list(parts(model)[1].layers)

@@ -1,0 +1,460 @@
+"""One typed config tree for every kava job, loaded from YAML with dotted CLI overrides.
+
+Usage:
+    from kava_dist.config import load_config
+    cfg = load_config("configs/paper/llama1b_aug.yaml", ["loss.alpha_kv=2", "train.lr=5e-4"])
+    cfg.loss.alpha_kv            # 2.0
+    save_config(cfg, run_dir / "config.yaml")   # the resolved config, saved with every run
+
+Precedence: CLI overrides > YAML file (and the files it `inherit:`s) > dataclass defaults.
+Every field carries a docstring (the string literal under it); `python -m jobs.train --help-config`
+prints them. Errors name the field and the fix. `cache_fingerprint` lives in `kava_dist.fingerprint`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Backbone: a Hugging Face hub name or a local checkpoint dir (teacher and student share it)."""
+    gguf_file: str = ""
+    """GGUF file name inside `name_or_path` (loaded with transformers `gguf_file=`); empty for safetensors."""
+    revision: str = ""
+    """Hub revision (commit) of the backbone; part of the cache fingerprint."""
+    dtype: str = "bfloat16"
+    """Compute dtype of the backbone: bfloat16 | float32 | float16."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: sdpa | eager | flash_attention_2."""
+    teacher_adapter: str = ""
+    """peft adapter dir of the CoT-fine-tuned teacher (output of `train.stage=teacher`); empty = base model."""
+    student_init_adapter: str = ""
+    """Initialise the student's LoRA/projection/token weights from this adapter dir (empty = fresh LoRA)."""
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    """Train LoRA adapters (False = train nothing but projection and new-token embeddings)."""
+    r: int = 128
+    """LoRA rank (paper: 128)."""
+    alpha: int = 32
+    """LoRA alpha (paper: 32)."""
+    dropout: float = 0.1
+    """LoRA dropout (paper: 0.1)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Modules that get LoRA (spec section 11.8: q/k/v/o; CODI/PCCoT also add gate/up/down_proj)."""
+    train_new_tokens: bool = True
+    """Make the embeddings of the added special tokens (<bot>, <eot>, <latent>, pad) trainable."""
+
+
+@dataclass
+class LatentConfig:
+    num_latents: int = 24
+    """M: continuous latent tokens the student reasons in (= teacher cache budget)."""
+    num_iterations: int = 3
+    """T: PCCoT Jacobi iterations over the M latents (>= 1; T >= M equals the sequential rollout)."""
+    use_projection: bool = True
+    """Map last-layer hidden states to latent inputs through Linear-GELU-Linear-LayerNorm (off = identity)."""
+    projection_dropout: float = 0.0
+    """Dropout in front of the projection MLP (CODI uses one; PCCoT does not)."""
+    fix_masks: bool = True
+    """Pass correct attention masks and position ids in the Jacobi passes (PCCoT omits them; deviation D2)."""
+
+
+@dataclass
+class EvictionConfig:
+    method: str = "rkv"
+    """Teacher cache compression: rkv | attention | redundancy | crop | random."""
+    lam: float = 0.1
+    """R-KV mix: S = lam * importance + (1 - lam) * redundancy (rkv only)."""
+    order: str = "position"
+    """Order of the kept entries in the M slots: position (ascending CoT position) | score."""
+    rope: str = "post"
+    """Keys matched post-RoPE (as in the HF cache) or pre-RoPE (k_proj output): post | pre."""
+    gqa_pool: str = "max"
+    """One importance score per KV head: max over the query group of the logits (R-KV) | mean of softmaxes."""
+    short_cot: str = "mask"
+    """When N_C < M: mask the extra slots out of the loss (mask) or regress them to zero (zero_target)."""
+    seed: int = 0
+    """Seed of the `random` eviction method."""
+
+
+@dataclass
+class LossConfig:
+    student_ce: float = 1.0
+    """Weight of the student's answer cross-entropy."""
+    teacher_ce: float = 1.0
+    """Weight of the teacher's CoT+answer cross-entropy in the online stage (the paper's joint training)."""
+    offline_teacher_ce: float = 0.0
+    """Weight of a CoT+answer CE on the student's own weights in the student stage (costs a teacher-length pass)."""
+    alpha_codi: float = 10.0
+    """alpha1: weight of the CODI hidden-state distillation at the distillation token."""
+    alpha_kv: float = 1.0
+    """alpha2: weight of the KV-matching loss against the compressed teacher cache."""
+    kv_loss: str = "smooth_l1"
+    """Element-wise KV loss: smooth_l1 | mse | l1."""
+    kv_std: str = "layer"
+    """Normalise the KV loss by the detached teacher std: layer (per layer, K and V apart) | global | none."""
+    codi_loss: str = "smooth_l1"
+    """Element-wise CODI loss: smooth_l1 | mse | l1."""
+    codi_std: str = "layer"
+    """Normalise the CODI loss by the detached teacher std: layer | global | none."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""
+    """Training set: .jsonl / .jsonl.gz / .parquet file or a `datasets.save_to_disk` dir (question, cot|steps, answer)."""
+    valid_path: str = ""
+    """Optional validation set in the same schema."""
+    cot_style: str = "auto"
+    """How the CoT splits into steps: auto | equation (<<...>> blocks) | nl (sentences on '. ') | plus (' + ') | lines."""
+    drop_last_step: bool = True
+    """Drop the last CoT step from the teacher text (CODI/PCCoT default; the paper finds it critical)."""
+    answer_prompt: str = "The answer is:"
+    """Answer prompt forced before the answer in teacher and student sequences."""
+    max_tokens: int = 256
+    """Drop examples whose teacher sequence (BOS+question+CoT+prompt+answer+EOS) is longer (CODI: 200 AUG / 256 NL)."""
+    numeric_answer: bool = True
+    """Require a numeric answer (GSM8k-style); rows with other answers are counted and skipped."""
+    limit: int = 0
+    """Use only the first N rows of the training file (0 = all)."""
+
+
+@dataclass
+class StoreConfig:
+    path: str = ""
+    """Teacher-target store: local dir or fsspec URL (s3://bucket/prefix)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for remote stores (endpoint_url, key, secret, client_kwargs)."""
+    dtype: str = "bf16"
+    """Stored precision of K/V targets: bf16 | fp16 | fp32 | int8 | int4 (int = KIVI-style quantised)."""
+    shard_examples: int = 0
+    """Examples per shard file (0 = size shards to ~128 MB)."""
+    codec: str = "blosc-zstd"
+    """Compression codec: blosc-zstd | zstd | none."""
+    clevel: int = 5
+    """Compression level."""
+    verify: bool = False
+    """Check each shard's checksum on first read during training."""
+
+
+@dataclass
+class BuildConfig:
+    batch_size: int = 32
+    """Teacher forward batch size inside a shard."""
+    num_actors: int = 0
+    """Teacher actors (0 = one per GPU in the Ray cluster, or one on CPU)."""
+    max_retries: int = 3
+    """Times a failed shard is retried (a dead actor is replaced) before it is reported as failed."""
+    cpus_per_actor: float = 1.0
+    """CPUs each teacher actor reserves."""
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "student"
+    """teacher (CoT fine-tune) | student (KaVa from a store) | online (paper's joint step) | nocot (answer only)."""
+    out_dir: str = "runs/default"
+    """Run directory: resolved config, checkpoints, adapter, metrics.jsonl, TensorBoard, reports."""
+    lr: float = 8e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    epochs: float = 10.0
+    """Training epochs (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run (0 = derived from epochs)."""
+    warmup_ratio: float = 0.03
+    """Linear warmup as a fraction of the steps, then cosine decay to 0."""
+    global_batch: int = 128
+    """Examples per optimizer step over all ranks; accumulation = global / (micro * world), must divide."""
+    micro_batch: int = 8
+    """Examples per forward on one rank."""
+    grad_clip: float = 2.0
+    """Gradient-norm clip."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0 | 1 | 2 | 3."""
+    precision: str = "auto"
+    """bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0 = only at the end)."""
+    log_every: int = 1
+    """Log metrics every N optimizer steps."""
+    eval_every: int = 0
+    """Evaluate on data.valid_path every N steps (0 = never during training)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in out_dir."""
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[str] = field(default_factory=list)
+    """Evaluation sets: file paths in the shared schema (question, answer)."""
+    batch_size: int = 64
+    """Questions per batched greedy decode."""
+    max_new_tokens: int = 16
+    """Answer tokens generated after the forced prompt (CoT mode uses cot_max_new_tokens)."""
+    cot_max_new_tokens: int = 256
+    """Tokens the Full-CoT teacher may generate."""
+    limit: int = 0
+    """Evaluate the first N questions of each set (0 = all)."""
+
+
+@dataclass
+class KavaConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone and adapters."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings (Table 6: r=128, alpha=32, dropout 0.1, q/k/v/o)."""
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    """Student latent reasoning (PCCoT)."""
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    """Teacher KV compression (R-KV variant)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss terms and weights."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data and sequence format."""
+    store: StoreConfig = field(default_factory=StoreConfig)
+    """Teacher-target store."""
+    build: BuildConfig = field(default_factory=BuildConfig)
+    """Cache build job (Ray)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop (DeepSpeed)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.dtype": ("bfloat16", "float32", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "eviction.method": ("rkv", "attention", "redundancy", "crop", "random"),
+    "eviction.order": ("position", "score"),
+    "eviction.rope": ("post", "pre"),
+    "eviction.gqa_pool": ("max", "mean"),
+    "eviction.short_cot": ("mask", "zero_target"),
+    "loss.kv_loss": ("smooth_l1", "mse", "l1"),
+    "loss.kv_std": ("layer", "global", "none"),
+    "loss.codi_loss": ("smooth_l1", "mse", "l1"),
+    "loss.codi_std": ("layer", "global", "none"),
+    "data.cot_style": ("auto", "equation", "nl", "plus", "lines"),
+    "store.dtype": ("bf16", "fp16", "fp32", "int8", "int4"),
+    "store.codec": ("blosc-zstd", "zstd", "none"),
+    "train.stage": ("teacher", "student", "online", "nocot"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "train.precision": ("auto", "bf16", "fp32"),
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings of a config dataclass (the string literal under each field)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
+    return docs
+
+
+def describe(cfg_cls: type = KavaConfig, prefix: str = "") -> str:
+    """Every field with its default and docstring, one per line (for --help-config)."""
+    lines = []
+    docs = field_docs(cfg_cls)
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            lines.append(f"[{prefix}{f.name}] {docs.get(f.name, '')}")
+            lines.append(describe(t, prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {prefix}{f.name} = {default!r}: {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is Any:
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}. Write it as [a, b] in YAML or a,b on the CLI.")
+        (inner,) = typing.get_args(typ) or (Any,)
+        return [_coerce(v, inner, name) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}. Write it as {{key: value}}.")
+        return dict(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}.")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}.")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}.") from None
+        if typ is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}.")
+        return out
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}: expected a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean {prefix}{close[0]}?" if close else f" Valid keys: {', '.join(names)}."
+            raise ConfigError(f"unknown config key {prefix}{key}.{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            sub = data[f.name] or {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{prefix}{f.name}: expected a section (mapping), got {sub!r}.")
+            kwargs[f.name] = _build(t, sub, prefix + f.name + ".")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], t, prefix + f.name)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist. Pass an existing YAML file with --config.")
+    if path in seen:
+        raise ConfigError(f"config inheritance cycle through {path}.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}.")
+    parents = data.pop("inherit", None)
+    if parents:
+        merged: dict = {}
+        for p in [parents] if isinstance(parents, str) else parents:
+            merged = _deep_merge(merged, _read_yaml(path.parent / p, seen + (path,)))
+        data = _deep_merge(merged, data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`loss.alpha_kv=2` -> (["loss", "alpha_kv"], 2); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. loss.alpha_kv=2).")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> KavaConfig:
+    data = dict(data)
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node[k] = dict(node.get(k) or {})
+            node = node[k]
+        node[keys[-1]] = value
+    cfg = _build(KavaConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> KavaConfig:
+    """Load YAML (with `inherit:`), apply dotted overrides, validate. `path=None` = defaults only."""
+    data = _read_yaml(Path(path)) if path else {}
+    return config_from_dict(data, overrides)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: KavaConfig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def get_field(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for k in dotted.split("."):
+        node = getattr(node, k)
+    return node
+
+
+def validate(cfg: KavaConfig) -> None:
+    """Raise ConfigError naming the field and the fix for any invalid value."""
+    for name, allowed in CHOICES.items():
+        value = get_field(cfg, name)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}.{hint}")
+    positive = ["latent.num_latents", "latent.num_iterations", "lora.r", "train.global_batch",
+                "train.micro_batch", "build.batch_size", "eval.batch_size", "eval.max_new_tokens", "data.max_tokens"]
+    for name in positive:
+        if get_field(cfg, name) < 1:
+            raise ConfigError(f"{name}={get_field(cfg, name)} must be >= 1.")
+    nonneg = ["loss.student_ce", "loss.teacher_ce", "loss.offline_teacher_ce", "loss.alpha_codi", "loss.alpha_kv", "train.lr",
+              "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit"]
+    for name in nonneg:
+        if get_field(cfg, name) < 0:
+            raise ConfigError(f"{name}={get_field(cfg, name)} must be >= 0.")
+    if not 0.0 <= cfg.eviction.lam <= 1.0:
+        raise ConfigError(f"eviction.lam={cfg.eviction.lam} must be in [0, 1] (0 = redundancy only, 1 = attention only).")
+    if not 0.0 <= cfg.lora.dropout < 1.0 or not 0.0 <= cfg.latent.projection_dropout < 1.0:
+        raise ConfigError("lora.dropout and latent.projection_dropout must be in [0, 1).")
+    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio={cfg.train.warmup_ratio} must be in [0, 1).")
+    if cfg.train.global_batch % cfg.train.micro_batch:
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} is not a multiple of train.micro_batch="
+            f"{cfg.train.micro_batch}. Set train.micro_batch to a divisor of the global batch.")
+    if cfg.lora.enabled and not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules is empty. List modules (e.g. [q_proj, k_proj, v_proj, o_proj]) or set lora.enabled=false.")

@@ -1,0 +1,208 @@
+"""[6] Student: PCCoT latent reasoning (M continuous latents, T Jacobi iterations) and batched greedy decoding.
+
+Usage:
+    from kava_dist.student import student_forward, generate_answers
+    out = student_forward(model, batch, special, cfg.latent)
+    out.ce                       # answer CE ("The answer is:" + answer + EOS, predicted after <eot>)
+    out.k_BLHMD, out.v_BLHMD     # latent K/V of the last Jacobi pass (what the answer attends to), per layer/KV head
+    out.hidden_BLd               # hidden states of all layers at the distillation token (":")
+    gen = generate_answers(model, batch, special, cfg.latent, max_new_tokens=16)   # gen.tokens, gen.forward_passes
+
+Sequence (spec section 3): [BOS question (left-padded) | <bot> | <latent> x M | <eot> | prompt answer EOS].
+1. prefix pass over question + <bot> + M placeholders; z0 = prj(h[<bot> .. latent_{M-2}]) (the AR shift);
+2. T Jacobi passes, each from the same question cache: z_t = [z_{t-1}[:, :1], prj(h_t[:, :-1])];
+3. answer pass over <eot> + answer on top of the T-th pass's cache.
+With `latent.fix_masks` (default) the latent passes get the real attention mask and pad-free position ids;
+off reproduces PCCoT (no mask, column positions). Gradients flow through every pass (no detach).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from kava_dist.backbone import parts
+from kava_dist.config import LatentConfig
+from kava_dist.prompts import Batch, SpecialIds
+from kava_dist.teacher import positions_from_mask
+
+
+@dataclass
+class StudentOutput:
+    ce: torch.Tensor
+    logits_BAV: torch.Tensor
+    k_BLHMD: torch.Tensor
+    v_BLHMD: torch.Tensor
+    hidden_BLd: torch.Tensor | None
+    latents_BMd: torch.Tensor
+
+
+def make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache over given per-layer (k, v); updates concatenate, so the given tensors are never modified."""
+    try:
+        return DynamicCache(ddp_cache_data=kv)
+    except TypeError:  # older transformers
+        return DynamicCache.from_legacy_cache(tuple(kv))
+
+
+def cache_kv(cache, upto: int | None = None, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(cache, "layers"):
+        return [(lay.keys[:, :, start:upto], lay.values[:, :, start:upto]) for lay in cache.layers]
+    return [(cache.key_cache[i][:, :, start:upto], cache.value_cache[i][:, :, start:upto]) for i in range(len(cache))]
+
+
+@dataclass
+class _Prefix:
+    q_cache: list[tuple[torch.Tensor, torch.Tensor]]
+    z0_BMd: torch.Tensor
+    lat_mask: torch.Tensor       # [B, Q+1+M] mask over question + <bot> + latents
+    lat_pos: torch.Tensor        # [B, M] position ids of the latents
+    qlen: torch.Tensor           # [B] real question tokens
+
+
+def _embed(lm, ids):
+    return lm.get_input_embeddings()(ids)
+
+
+def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentConfig, pre_rope_hook=None):
+    """Steps 1-2. Returns (prefix info, cache after the T-th pass, the latent inputs of that pass)."""
+    lm, decoder, prj = parts(model)
+    B, Q = batch.q_ids.shape
+    M, T = latent.num_latents, latent.num_iterations
+    dev = batch.q_ids.device
+    tail = torch.full((B, 1 + M), special.latent, dtype=torch.long, device=dev)
+    tail[:, 0] = special.bot
+    ids = torch.cat([batch.q_ids, tail], dim=1)
+    mask = torch.cat([batch.q_mask, torch.ones_like(tail, dtype=torch.bool)], dim=1)
+    pos = positions_from_mask(mask)
+    out0 = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    h_BMd = out0.last_hidden_state[:, Q:Q + M]            # <bot>, latent_0 .. latent_{M-2}
+    z_BMd = prj(h_BMd)
+    q_cache = cache_kv(out0.past_key_values, upto=Q + 1)
+    if latent.fix_masks:
+        lat_mask, lat_pos = mask, pos[:, Q + 1:]
+    else:  # PCCoT: no mask in the latent passes, positions are column indices
+        lat_mask = None
+        lat_pos = torch.arange(Q + 1, Q + 1 + M, device=dev).expand(B, M)
+    cache = None
+    for t in range(T):
+        inputs = z_BMd
+        last = t == T - 1
+        if last and pre_rope_hook is not None:
+            with pre_rope_hook():
+                out = decoder(inputs_embeds=inputs, attention_mask=lat_mask, position_ids=lat_pos,
+                              past_key_values=make_cache(q_cache), use_cache=True)
+        else:
+            out = decoder(inputs_embeds=inputs, attention_mask=lat_mask, position_ids=lat_pos,
+                          past_key_values=make_cache(q_cache), use_cache=True)
+        cache = out.past_key_values
+        if not last:
+            p_BMd = prj(out.last_hidden_state)
+            z_BMd = torch.cat([z_BMd[:, :1], p_BMd[:, :-1]], dim=1)
+    prefix = _Prefix(q_cache=q_cache, z0_BMd=z_BMd, lat_mask=mask, lat_pos=pos[:, Q + 1:],
+                     qlen=batch.q_mask.sum(1))
+    return prefix, cache, z_BMd
+
+
+def student_forward(model, batch: Batch, special: SpecialIds, latent: LatentConfig, rope: str = "post",
+                    with_hidden: bool = True) -> StudentOutput:
+    lm, decoder, _ = parts(model)
+    B, Q = batch.q_ids.shape
+    M = latent.num_latents
+    captured: dict[int, torch.Tensor] = {}
+    hook = _pre_rope_capture(model, captured) if rope == "pre" else None
+    prefix, cache, z_BMd = prefix_and_latents(model, batch, special, latent, pre_rope_hook=hook)
+    kv = cache_kv(cache, start=Q + 1, upto=Q + 1 + M)
+    k_BLHMD = torch.stack([k for k, _ in kv], dim=1)
+    v_BLHMD = torch.stack([v for _, v in kv], dim=1)
+    if rope == "pre":
+        cfg = lm.config
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        k_BLHMD = torch.stack([captured[i].view(B, M, -1, hd).transpose(1, 2) for i in range(len(captured))], 1)
+    # 3. answer pass: <eot> + prompt + answer, on the T-th pass's cache
+    dev = batch.q_ids.device
+    eot = torch.full((B, 1), special.eot, dtype=torch.long, device=dev)
+    ans_in = torch.cat([eot, batch.ans_ids], dim=1)
+    ans_mask = torch.cat([torch.ones_like(eot, dtype=torch.bool), batch.ans_mask], dim=1)
+    full_mask = torch.cat([prefix.lat_mask, ans_mask], dim=1)
+    ans_pos = prefix.qlen[:, None] + 1 + M + torch.arange(ans_in.shape[1], device=dev)[None]
+    if not latent.fix_masks:
+        ans_pos = Q + 1 + M + torch.arange(ans_in.shape[1], device=dev)[None].expand(B, -1)
+    out = lm(input_ids=ans_in, attention_mask=full_mask, position_ids=ans_pos, past_key_values=cache,
+             use_cache=False, output_hidden_states=with_hidden)
+    logits = out.logits
+    labels = batch.ans_ids.masked_fill(~batch.ans_mask, -100)
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    hidden = None
+    if with_hidden:
+        hidden = torch.stack(out.hidden_states[1:], dim=1)[:, :, batch.prompt_len]   # ":" is at 1 + prompt_len - 1
+    return StudentOutput(ce=ce, logits_BAV=logits, k_BLHMD=k_BLHMD, v_BLHMD=v_BLHMD, hidden_BLd=hidden,
+                         latents_BMd=z_BMd)
+
+
+def _pre_rope_capture(model, captured: dict[int, torch.Tensor]):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def ctx():
+        handles = []
+        for i, layer in enumerate(parts(model)[1].layers):
+            def hook(_m, _i, o, i=i):
+                captured[i] = o
+            handles.append(layer.self_attn.k_proj.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    return ctx
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]       # generated answer tokens per row (after the forced prompt), EOS excluded
+    forward_passes: list[int]     # model calls each row needed: prefill + T latent passes + prompt + decode steps
+    latents_BMd: torch.Tensor
+
+
+@torch.no_grad()
+def generate_answers(model, q_ids: torch.Tensor, q_mask: torch.Tensor, prompt_ids: list[int], special: SpecialIds,
+                     latent: LatentConfig, max_new_tokens: int = 16) -> Generation:
+    """Greedy latent decoding: prefill, T Jacobi passes, forced <eot> + prompt, then one pass per token."""
+    lm, decoder, _ = parts(model)
+    B, Q = q_ids.shape
+    M = latent.num_latents
+    dev = q_ids.device
+    dummy = Batch(ids=torch.zeros(B, dtype=torch.long), q_ids=q_ids, q_mask=q_mask,
+                  cot_ids=q_ids[:, :0], cot_mask=q_mask[:, :0], ans_ids=q_ids[:, :0], ans_mask=q_mask[:, :0],
+                  prompt_len=len(prompt_ids))
+    prefix, cache, z_BMd = prefix_and_latents(model, dummy, special, latent)
+    passes = 1 + latent.num_iterations
+    forced = torch.tensor([special.eot] + list(prompt_ids), device=dev).expand(B, -1)
+    mask = torch.cat([prefix.lat_mask, torch.ones_like(forced, dtype=torch.bool)], dim=1)
+    pos0 = prefix.qlen + 1 + M if latent.fix_masks else torch.full((B,), Q + 1 + M, device=dev)
+    pos = pos0[:, None] + torch.arange(forced.shape[1], device=dev)[None]
+    out = lm(input_ids=forced, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    passes += 1
+    count = torch.full((B,), passes, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    tokens = torch.empty(B, 0, dtype=torch.long, device=dev)
+    next_pos = pos[:, -1]
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, special.eos), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done = done | (nxt == special.eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
+        next_pos = next_pos + 1
+        out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                 past_key_values=out.past_key_values, use_cache=True)
+        count += (~done).long()
+    rows = []
+    for r in tokens.tolist():
+        rows.append(r[: r.index(special.eos)] if special.eos in r else r)
+    return Generation(tokens=rows, forward_passes=count.tolist(), latents_BMd=z_BMd)
