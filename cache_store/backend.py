@@ -70,6 +70,11 @@ class Backend(ABC):
         return out
 
     @abstractmethod
+    def read_ranges(self, reqs: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        """Byte ranges [start, end) of objects, None where the object is missing.
+        start < 0 with end None reads the last -start bytes (a suffix)."""
+
+    @abstractmethod
     def write_atomic(self, rel: str, data: bytes) -> None: ...
 
     @abstractmethod
@@ -106,6 +111,29 @@ class LocalBackend(Backend):
 
     def read_bytes(self, rel: str) -> bytes:
         return self._p(rel).read_bytes()
+
+    def read_ranges(self, reqs: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(reqs)
+        by_file: dict[str, list[int]] = {}
+        for i, (rel, _, _) in enumerate(reqs):
+            by_file.setdefault(rel, []).append(i)
+        for rel, idxs in by_file.items():
+            try:
+                fd = os.open(self._p(rel), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                for i in idxs:
+                    _, start, end = reqs[i]
+                    if start < 0 and end is None:
+                        start, end = max(0, size + start), size
+                    elif end is None:
+                        end = size
+                    out[i] = os.pread(fd, end - start, start)
+            finally:
+                os.close(fd)
+        return out
 
     def _write_tmp(self, path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +244,21 @@ class FsspecBackend(Backend):
             k = k.split("://", 1)[-1]
             if k in paths and not isinstance(v, Exception):
                 out[paths[k]] = v
+        return out
+
+    def read_ranges(self, reqs: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        if not reqs:
+            return []
+        got = self.fs.cat_ranges([self._p(r) for r, _, _ in reqs], [s for _, s, _ in reqs], [e for _, _, e in reqs],
+                                 on_error="return")  # concurrent on async backends (s3fs)
+        out: list[bytes | None] = []
+        for g in got:
+            if isinstance(g, FileNotFoundError):
+                out.append(None)
+            elif isinstance(g, BaseException):
+                raise g
+            else:
+                out.append(bytes(g))
         return out
 
     def write_atomic(self, rel: str, data: bytes) -> None:

@@ -104,14 +104,23 @@ def write_shard_block(z: zarr.Array, shard_id: int, shard_size: int, block: np.n
 
 
 def read_rows(arrays: dict[str, zarr.Array], paths: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows (sorted, unique, int64) of several arrays: one orthogonal selection per array, run concurrently."""
-    sel = (rows,)
-    if _zarr_sync is not None and len(paths) > 1:
-        async def _all() -> list[Any]:
-            return await asyncio.gather(*(arrays[p].async_array.get_orthogonal_selection(sel) for p in paths))
+    """Rows (sorted, unique, int64) of several arrays through zarr: one basic selection per run of
+    consecutive rows, all issued concurrently on zarr's event loop. (zarr 3.1's orthogonal
+    selection on sharded arrays measured ~10x slower for random rows.) The reader's fast path
+    is fast_read.FastChunkReader; this is the reference/fallback path."""
+    if rows.size == 0:
+        return {p: arrays[p][0:0] for p in paths}
+    breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
+    runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks)]
+    if _zarr_sync is None:  # pragma: no cover
+        return {p: np.concatenate([arrays[p][a:b] for a, b in runs]) for p in paths}
 
-        return dict(zip(paths, _zarr_sync(_all())))
-    return {p: arrays[p].get_orthogonal_selection(sel) for p in paths}
+    async def _all() -> list[Any]:
+        return await asyncio.gather(*(arrays[p].async_array.getitem(slice(a, b)) for p in paths for a, b in runs))
+
+    parts = _zarr_sync(_all())
+    k = len(runs)
+    return {p: np.concatenate(parts[i * k : (i + 1) * k]) for i, p in enumerate(paths)}
 
 
 def shard_checksums(backend: Backend, spec: StoreSpec, shard_id: int) -> tuple[str, int, dict[str, dict[str, Any]]]:

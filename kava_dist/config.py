@@ -385,7 +385,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. loss.alpha_kv=2).")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict) and not raw.strip().startswith("{"):
+        value = raw  # e.g. data.answer_prompt=Answer: (YAML would read a mapping)
     return key.split("."), value
 
 

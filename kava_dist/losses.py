@@ -41,17 +41,17 @@ def _expand(s: torch.Tensor, like: torch.Tensor, dims: tuple[int, ...]) -> torch
 def _one_kv(student: torch.Tensor, teacher: torch.Tensor, w: torch.Tensor, kind: str, std: str) -> torch.Tensor:
     teacher = teacher.detach().float()
     student = student.float()
+    w = w.expand_as(teacher)
     err = elementwise(kind, student, teacher)                    # [B, L, H, M, D]
     if std == "layer":
         s_L = _masked_std(teacher, w, dims=(0, 2, 3, 4)).clamp_min(1e-6)
         err = err / s_L.view(1, -1, 1, 1, 1)
     elif std == "global":
-        s = _masked_std(teacher.reshape(1, -1), w.expand_as(teacher).reshape(1, -1), dims=(1,)).clamp_min(1e-6)
+        s = _masked_std(teacher.reshape(1, -1), w.reshape(1, -1), dims=(1,)).clamp_min(1e-6)
         err = err / s
     elif std != "none":
         raise ValueError(f"unknown std mode {std!r}; use layer, global or none.")
-    wf = w.expand_as(err)
-    return (err * wf).sum() / wf.sum().clamp_min(1.0)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
 
 
 def kv_loss(ks_BLHMD: torch.Tensor, vs_BLHMD: torch.Tensor, kt_BLHMD: torch.Tensor, vt_BLHMD: torch.Tensor,

@@ -128,6 +128,9 @@ def split_steps(cot: str, style: str) -> list[str]:
         return steps or cot.split()
     if style == "nl":
         parts = [s.strip() for s in cot.split(". ") if s.strip()]
+        if len(parts) == 1:  # sentences whose periods were lost (newlines collapsed): split before capitals
+            parts = [s.strip() for s in re.split(r"(?<=[a-z0-9%$)]) (?=[A-Z][a-z])", cot) if s.strip()]
+            return parts
         return [s if s.endswith(".") else s + "." for s in parts[:-1]] + parts[-1:]
     if style == "plus":
         return [s.strip() for s in cot.split(" + ") if s.strip()]

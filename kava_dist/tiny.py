@@ -31,13 +31,13 @@ def char_tokenizer():
 
 def tiny_config(family: str = "llama", vocab_size: int = 128, hidden_size: int = 64, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
-                tie_word_embeddings: bool = True):
+                tie_word_embeddings: bool = True, initializer_range: float = 0.02):
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   max_position_embeddings=1024, tie_word_embeddings=tie_word_embeddings, bos_token_id=1,
-                  eos_token_id=2, rope_theta=10000.0)
+                  eos_token_id=2, rope_theta=10000.0, initializer_range=initializer_range)
     if family == "llama":
         return LlamaConfig(**common)
     if family == "qwen2":

@@ -1,0 +1,185 @@
+"""Direct reads of single examples (inner chunks) from zarr v3 shard files.
+
+Why: for random rows of a sharded array, zarr 3.1's orthogonal selection costs ~20 ms per
+row and a basic one-row read ~2.5 ms, while decompressing the row takes ~0.6 ms (1B keys,
+393 KB). This module reads the shard index once per (array, shard) - published shards are
+immutable, so it is cached - then fetches exactly the needed chunk byte ranges in one
+batched call (os.pread locally, concurrent range GETs on S3) and decodes them with
+numcodecs, checking each chunk's crc32c.
+
+Only the layout cache_store creates is handled (zarr v3 `sharding_indexed`, index at the end
+with bytes+crc32c, inner codecs bytes -> [blosc | zstd] -> [crc32c]); `FastChunkReader.for_arrays`
+returns None for anything else and the reader falls back to zarr. Tests check that both
+paths give identical arrays.
+
+Usage::
+
+    fast = FastChunkReader.for_arrays(backend, spec, zarr_arrays)     # None if unsupported
+    cols = fast.read(["k", "v"], shard_ids, local_rows)               # {path: [n, *shape]}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import google_crc32c
+import numpy as np
+from numcodecs import Zstd, blosc
+
+from cache_store.backend import Backend
+from cache_store.spec import StoredArray, StoreSpec
+from cache_store.zarr_io import shard_file_key
+
+logger = logging.getLogger(__name__)
+
+_EMPTY = np.uint64(2**64 - 1)
+
+
+class ChunkCorrupt(ValueError):
+    """A chunk or shard index failed its crc32c (or could not be decoded)."""
+
+    def __init__(self, message: str, path: str, shard_id: int) -> None:
+        super().__init__(message)
+        self.path, self.shard_id = path, shard_id
+
+
+def _crc_strip(buf: bytes) -> bytes:
+    if len(buf) < 4 or google_crc32c.value(buf[:-4]) != int.from_bytes(buf[-4:], "little"):
+        raise ValueError("crc32c mismatch")
+    return buf[:-4]
+
+
+_ZSTD = Zstd()
+_DECODERS: dict[str, Callable[[bytes], bytes]] = {
+    "crc32c": _crc_strip,
+    "blosc": lambda b: blosc.decompress(b),
+    "zstd": lambda b: bytes(_ZSTD.decode(b)),
+}
+
+
+@dataclass
+class _Layout:
+    arr: StoredArray
+    dtype: np.dtype  # with explicit byte order
+    steps: list[Callable[[bytes], bytes]]  # bytes->bytes decoders, in decode order
+    n_chunks: int
+
+
+def _layout(arr: StoredArray, meta: dict[str, Any], shard_size: int) -> _Layout | None:
+    codecs = meta.get("codecs", [])
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    cfg = codecs[0].get("configuration", {})
+    if cfg.get("index_location", "end") != "end" or list(cfg.get("chunk_shape", [])) != [1, *arr.shape]:
+        return None
+    idx = [c.get("name") for c in cfg.get("index_codecs", [])]
+    if idx != ["bytes", "crc32c"] or cfg["index_codecs"][0].get("configuration", {}).get("endian", "little") != "little":
+        return None
+    inner = cfg.get("codecs", [])
+    if not inner or inner[0].get("name") != "bytes":
+        return None
+    endian = inner[0].get("configuration", {}).get("endian", "little")
+    names = [c.get("name") for c in inner[1:]]
+    if any(n not in _DECODERS for n in names):
+        return None
+    if meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") != "/":
+        return None
+    dtype = arr.dtype.newbyteorder("<" if endian == "little" else ">") if arr.dtype.itemsize > 1 else arr.dtype
+    return _Layout(arr, dtype, [_DECODERS[n] for n in reversed(names)], shard_size)
+
+
+class FastChunkReader:
+    def __init__(self, backend: Backend, spec: StoreSpec, layouts: dict[str, _Layout],
+                 index_cache_bytes: int = 64 << 20, decode_threads: int | None = None) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.shard_size = int(spec.shard_size or 0)
+        self.layouts = layouts
+        self._index: OrderedDict[tuple[str, int], np.ndarray | None] = OrderedDict()
+        self._index_max = max(64, index_cache_bytes // (16 * max(1, self.shard_size)))
+        self._lock = threading.Lock()
+        n = decode_threads if decode_threads is not None else min(4, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="cache_store-decode") if n > 1 else None
+
+    @classmethod
+    def for_arrays(cls, backend: Backend, spec: StoreSpec, zarr_arrays: dict[str, Any], **kw: Any) -> FastChunkReader | None:
+        layouts = {}
+        for arr in spec.stored_arrays():
+            lay = _layout(arr, zarr_arrays[arr.path].metadata.to_dict(), int(spec.shard_size or 0))
+            if lay is None:
+                logger.warning("array %s has a layout the fast reader does not handle; reading through zarr", arr.path)
+                return None
+            layouts[arr.path] = lay
+        return cls(backend, spec, layouts, **kw)
+
+    # -- shard indexes --------------------------------------------------------------------------
+    def _indexes(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray | None]:
+        with self._lock:
+            have = {k: self._index[k] for k in keys if k in self._index}
+        todo = [k for k in keys if k not in have]
+        if todo:
+            n = self.shard_size * 16 + 4
+            got = self.backend.read_ranges([(shard_file_key(self.layouts[p].arr, s), -n, None) for p, s in todo])
+            for (p, s), raw in zip(todo, got):
+                if raw is None:
+                    have[(p, s)] = None  # no file: every row of this shard is fill
+                    continue
+                try:
+                    body = _crc_strip(raw) if len(raw) == n else None
+                except ValueError:
+                    body = None
+                if body is None:
+                    raise ChunkCorrupt(f"shard index of {p!r} shard {s} is damaged (crc32c/size)", p, s)
+                have[(p, s)] = np.frombuffer(body, dtype="<u8").reshape(self.shard_size, 2)
+            with self._lock:
+                for k in todo:
+                    self._index[k] = have[k]
+                while len(self._index) > self._index_max:
+                    self._index.popitem(last=False)
+        return have
+
+    # -- rows -----------------------------------------------------------------------------------
+    def read(self, paths: list[str], shard_ids: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows (shard_ids[i], rows[i]) of each array in `paths` -> {path: array [n, *shape]}."""
+        pairs = list(zip(shard_ids.tolist(), rows.tolist()))
+        shards = sorted({s for s, _ in pairs})
+        index = self._indexes([(p, s) for p in paths for s in shards])
+        out = {p: np.zeros((len(pairs), *self.layouts[p].arr.shape), dtype=self.layouts[p].arr.dtype) for p in paths}
+        reqs: list[tuple[str, int, int | None]] = []
+        where: list[tuple[str, int, int]] = []  # (path, output row, shard)
+        for p in paths:
+            arr = self.layouts[p].arr
+            for i, (s, r) in enumerate(pairs):
+                idx = index[(p, s)]
+                if idx is None or idx[r, 0] == _EMPTY:
+                    continue  # fill value 0
+                off, nb = int(idx[r, 0]), int(idx[r, 1])
+                reqs.append((shard_file_key(arr, s), off, off + nb))
+                where.append((p, i, s))
+        blobs = self.backend.read_ranges(reqs)
+
+        def decode(j: int) -> None:
+            p, i, s = where[j]
+            lay = self.layouts[p]
+            buf = blobs[j]
+            if buf is None:
+                raise ChunkCorrupt(f"shard file of {p!r} shard {s} vanished while reading", p, s)
+            try:
+                for step in lay.steps:
+                    buf = step(buf)
+                out[p][i] = np.frombuffer(buf, dtype=lay.dtype).reshape(lay.arr.shape)
+            except Exception as e:  # crc mismatch, codec error, wrong size
+                raise ChunkCorrupt(f"chunk {i} of {p!r} shard {s} failed to decode: {e}", p, s) from e
+
+        if self._pool is not None and len(where) > 1:
+            list(self._pool.map(decode, range(len(where))))
+        else:
+            for j in range(len(where)):
+                decode(j)
+        return out

@@ -1,0 +1,314 @@
+"""StoreReader: random batched reads of published shards, rank-sliced shuffled iteration, verification.
+
+Only shards with a ledger record are visible; rows are numbered by concatenating published
+shards in shard-id order (so a store still being built is readable; `refresh()` picks up
+newly published shards). Row numbers are stable once the store is complete, or while
+shards are published in id order.
+
+Usage::
+
+    from cache_store import StoreReader
+    r = StoreReader("s3://bucket/kv/llama3b-v1", storage_options=so, expected_fingerprint=fp, verify=True)
+    len(r)                                   # rows in published shards
+    batch = r.get_batch([5, 17, 3])          # {"k": bf16 [3, L, H, M, D], "valid": bool [...], ...}
+    for idx, batch in r.iter_batches(32, rank=dp_rank, world_size=dp_world, epoch=ep, seed=0,
+                                     start=batches_done_this_epoch):
+        ...
+    r.stats()    # bytes on disk, raw bytes, disk_over_raw (0.5 = half of raw), compression_ratio (raw/disk), shards
+
+Reads are chunk-aligned and batched: the rows of a batch are mapped to (shard, row) and read
+with one zarr orthogonal selection per array (all arrays concurrently); quantised fields
+are dequantised to their logical dtype; bfloat16 fields come back as torch.bfloat16.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from cache_store.backend import open_backend
+from cache_store.errors import CorruptShard, FingerprintMismatch, StoreNotFound
+from cache_store.fast_read import ChunkCorrupt, FastChunkReader
+from cache_store.ledger import STORE_RECORD, Ledger, ShardRecord, StoreRecord
+from cache_store.quant import dequantize
+from cache_store.spec import StoreSpec
+from cache_store.writer import fingerprint_mismatch_message, get_meta
+from cache_store.zarr_io import corrupt_arrays, ensure_arrays, read_rows, shard_checksums
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+class StoreReader:
+    def __init__(
+        self, url: str, storage_options: dict[str, Any] | None = None, expected_fingerprint: str | None = None,
+        verify: bool = False, expected_fingerprint_fields: dict[str, Any] | None = None, fast_read: bool = True,
+        decode_threads: int | None = None,
+    ) -> None:
+        """fast_read: read chunks directly (fast_read.py); False reads through zarr (reference path).
+        decode_threads: threads decompressing a batch (default min(4, cpus))."""
+        self._init_args = (url, storage_options, expected_fingerprint, verify, expected_fingerprint_fields,
+                           fast_read, decode_threads)
+        self._fast_opts = (bool(fast_read), decode_threads)
+        self.backend = open_backend(url, storage_options)
+        self.ledger = Ledger(self.backend)
+        rec = self.ledger.read_store()
+        if rec is None:
+            raise StoreNotFound(
+                f"no cache_store at {self.backend.url} ({STORE_RECORD} is missing); check the path/storage_options "
+                "or build the store first (StoreWriter.create_or_open + write_shard)"
+            )
+        self.record: StoreRecord = rec
+        if expected_fingerprint is not None and expected_fingerprint != rec.fingerprint:
+            msg, diff = fingerprint_mismatch_message(
+                self.backend.url, rec.fingerprint, rec.fingerprint_fields, expected_fingerprint,
+                expected_fingerprint_fields if expected_fingerprint_fields is not None else {}, "store", "reader",
+            )
+            if expected_fingerprint_fields is None:
+                msg = (f"store at {self.backend.url} was built with fingerprint {rec.fingerprint} "
+                       f"(fields {rec.fingerprint_fields}), the reader expects {expected_fingerprint}. "
+                       "Point the reader at the store built for this config, or rebuild it.")
+            raise FingerprintMismatch(msg, diff)
+        self.verify = bool(verify)
+        self._lock = threading.Lock()
+        self._verified: set[int] = set()
+        self._arrays: dict[str, Any] | None = None
+        self._fast: FastChunkReader | None = None
+        self._shard_ids = np.zeros(0, np.int64)
+        self._offsets = np.zeros(1, np.int64)
+        self.refresh()
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: reopen on the other side
+        return {"args": self._init_args}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(*state["args"])  # type: ignore[misc]
+
+    # -- metadata -------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    @property
+    def fingerprint(self) -> str:
+        return self.record.fingerprint
+
+    @property
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return self.record.fingerprint_fields
+
+    @property
+    def spec(self) -> StoreSpec:
+        return self.record.spec
+
+    @property
+    def num_shards(self) -> int:
+        return self.record.num_shards
+
+    @property
+    def shard_size(self) -> int:
+        return self.record.shard_size
+
+    def get_meta(self, name: str, default: Any = None) -> Any:
+        return get_meta(self.backend, name, default)
+
+    def refresh(self) -> int:
+        """Re-list published shards; returns len(self)."""
+        ids = self.ledger.published_shard_ids()
+        recs = self.ledger.read_shards(ids)
+        ids = [i for i in ids if i in recs]
+        offsets = np.concatenate([[0], np.cumsum([recs[i].rows for i in ids], dtype=np.int64)]).astype(np.int64)
+        with self._lock:
+            self._shard_ids, self._offsets = np.asarray(ids, np.int64), offsets
+        return len(self)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def published_shards(self) -> list[int]:
+        return self._shard_ids.tolist()
+
+    def shard_records(self) -> dict[int, ShardRecord]:
+        return self.ledger.read_shards(self.published_shards())
+
+    # -- reading --------------------------------------------------------------------------------
+    def _get_arrays(self) -> dict[str, Any]:
+        with self._lock:
+            if self._arrays is None:
+                store = self.backend.zarr_store(read_only=True)
+                self._arrays = ensure_arrays(store, self.spec, self.num_shards, create=False)
+                if self._fast_opts[0]:
+                    self._fast = FastChunkReader.for_arrays(self.backend, self.spec, self._arrays,
+                                                            decode_threads=self._fast_opts[1])
+            return self._arrays
+
+    def locate(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row numbers -> (shard ids, row within shard)."""
+        shard_ids, offsets = self._shard_ids, self._offsets
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = int(offsets[-1])
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = idx[(idx < 0) | (idx >= n)][:5].tolist()
+            raise IndexError(f"rows {bad} out of range: store {self.url} has {n} visible rows (refresh() to see new shards)")
+        pos = np.searchsorted(offsets, idx, side="right") - 1
+        return shard_ids[pos], idx - offsets[pos]
+
+    def verify_shard(self, shard_id: int) -> None:
+        """Compare shard files with the ledger checksum; raise CorruptShard naming the shard and arrays."""
+        rec = self.ledger.read_shard(shard_id)
+        if rec is None:
+            raise KeyError(f"shard {shard_id} is not published in {self.url}")
+        checksum, _, per = shard_checksums(self.backend, self.spec, shard_id)
+        if checksum != rec.checksum:
+            bad = corrupt_arrays(rec.arrays, per)
+            raise CorruptShard(
+                f"shard {shard_id} of store {self.url} is corrupt: checksum {checksum[:16]}... != ledger "
+                f"{rec.checksum[:16]}... (arrays {bad}). Rebuild it: delete ledger/shard-{shard_id:06d}.json "
+                "and rerun the writer for that shard (or restore the files from a copy).", [shard_id],
+            )
+        with self._lock:
+            self._verified.add(shard_id)
+
+    def _verify_once(self, shard_ids: np.ndarray) -> None:
+        for s in np.unique(shard_ids).tolist():
+            if s not in self._verified:
+                self.verify_shard(s)
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows `indices` (any order, repeats allowed) -> {field: tensor [len(indices), *shape]}."""
+        sid, local = self.locate(indices)
+        if self.verify:
+            self._verify_once(sid)
+        arrays = self._get_arrays()
+        paths = [a.path for a in self.spec.stored_arrays()]
+        try:
+            if self._fast is not None:
+                cols = self._fast.read(paths, sid, local)
+            else:
+                uniq, inv = np.unique(sid * self.shard_size + local, return_inverse=True)
+                cols = {p: a[inv] for p, a in read_rows(arrays, paths, uniq).items()}
+        except Exception as e:  # crc mismatch, codec error, missing file: name the shard(s)
+            bad = []
+            suspects = [e.shard_id] if isinstance(e, ChunkCorrupt) else np.unique(sid).tolist()
+            for s in suspects:
+                try:
+                    self.verify_shard(s)
+                except CorruptShard:
+                    bad.append(s)
+            if bad:
+                raise CorruptShard(
+                    f"read failed ({type(e).__name__}: {e}); corrupt shards {bad} of store {self.url}: "
+                    "delete their ledger records and rerun the writer for them", bad,
+                ) from e
+            raise
+        out: dict[str, torch.Tensor] = {}
+        for f in self.spec.fields:
+            if f.quant is not None:
+                parts = {p.rsplit(".", 1)[1]: cols[p] for p in paths if p.startswith(f.name + ".")}
+                out[f.name] = dequantize(f, parts)
+            elif f.dtype == "bfloat16":
+                out[f.name] = torch.from_numpy(np.ascontiguousarray(cols[f.name]).view(np.int16)).view(torch.bfloat16)
+            else:
+                out[f.name] = torch.from_numpy(np.ascontiguousarray(cols[f.name]))
+        return out
+
+    # -- iteration ------------------------------------------------------------------------------
+    def rank_indices(self, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0) -> np.ndarray:
+        """This rank's contiguous, equal-size slice of a permutation of all visible rows seeded by (seed, epoch)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        n = len(self)
+        perm = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+        per_rank = n // world_size
+        if n % world_size and rank == 0:
+            logger.info("epoch %d: %d rows not divisible by world_size %d; %d rows dropped this epoch",
+                        epoch, n, world_size, n % world_size)
+        return perm[rank * per_rank : (rank + 1) * per_rank]
+
+    def batches_per_epoch(self, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
+        per_rank = len(self) // world_size
+        return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+
+    def iter_batches(
+        self, batch_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0,
+        start: int = 0, prefetch: int = 2, drop_last: bool = True,
+    ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        """Yield (indices, batch) for this rank; `start` = batches this rank already consumed (resume).
+
+        prefetch > 0 reads up to that many batches ahead in a background thread (0: read inline).
+        The order depends only on (seed, epoch, rank, world_size, batch_size) and the visible rows.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = self.rank_indices(rank, world_size, epoch, seed)
+        nb = len(order) // batch_size if drop_last else math.ceil(len(order) / batch_size)
+        batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(max(0, int(start)), nb)]
+        if prefetch <= 0:
+            for b in batches:
+                yield b, self.get_batch(b)
+            return
+        yield from self._prefetched(batches, prefetch)
+
+    def _prefetched(self, batches: list[np.ndarray], depth: int) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for b in batches:
+                    if stop.is_set() or not put((b, self.get_batch(b))):
+                        return
+                put(_END)
+            except BaseException as e:  # handed to the consumer
+                put(e)
+
+        t = threading.Thread(target=work, name="cache_store-prefetch", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            t.join(timeout=10)
+
+    # -- stats ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        recs = self.shard_records()
+        rows = sum(r.rows for r in recs.values())
+        disk = sum(r.bytes for r in recs.values())
+        raw = rows * self.spec.logical_nbytes
+        fields = {}
+        for f in self.spec.fields:
+            fb = sum(r.arrays.get(a.path, {}).get("bytes", 0) for r in recs.values()
+                     for a in self.spec.stored_arrays() if a.field == f.name)
+            fraw = rows * f.logical_nbytes
+            fields[f.name] = {"bytes": fb, "raw_bytes": fraw, "disk_over_raw": fb / fraw if fraw else None,
+                              "shape": list(f.shape), "dtype": f.dtype, "quant": f.quant}
+        return {
+            "url": self.url, "fingerprint": self.fingerprint, "shards_done": len(recs), "shards_total": self.num_shards,
+            "shard_size": self.shard_size, "rows": rows, "bytes_on_disk": disk, "raw_bytes": raw,
+            "disk_over_raw": disk / raw if raw else None, "compression_ratio": raw / disk if disk else None,
+            "bytes_per_example": disk / rows if rows else None,
+            "fields": fields,
+        }

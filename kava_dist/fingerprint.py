@@ -1,0 +1,105 @@
+"""Cache fingerprint: a hash of exactly the config fields and files that change the teacher targets.
+
+Usage:
+    from kava_dist.fingerprint import cache_fingerprint
+    digest, fields = cache_fingerprint(cfg)     # fields: {"model.name_or_path": ..., "data.train_sha": ..., ...}
+
+Loss weights, LoRA of the student, learning rate, T, seeds of training etc. are *not* in it, so every loss sweep
+reuses one store. In it: teacher backbone (name, revision, GGUF file, a hash of its weight files), teacher
+adapter (content hash), tokenizer (vocab hash), training data (content hash), prompt format, M, every eviction
+field, the teacher compute dtype and the stored precision. The store records `fields`, so a mismatch names them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from kava_dist.config import KavaConfig
+
+FORMAT_VERSION = 1   # bump when the target computation changes in a way no config field shows
+_BIG = 64 << 20
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _BIG:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:  # large weight files: size + head + tail + 16 evenly spaced 1 MB probes
+            h.update(str(size).encode())
+            for i in range(18):
+                f.seek(min(size - (1 << 20), max(0, i * (size // 17))))
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def path_digest(path: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:
+    """Content hash of a file, or of a dir's files matching `patterns` (names + contents). '' if absent."""
+    p = Path(path)
+    if not str(path) or not p.exists():
+        return ""
+    files = [p] if p.is_file() else sorted({f for pat in patterns for f in p.rglob(pat) if f.is_file()})
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        h.update(_file_digest(str(f), st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_digest(cfg: KavaConfig) -> str:
+    from kava_dist.backbone import load_tokenizer
+    from kava_dist.prompts import add_special_tokens
+
+    tok = load_tokenizer(cfg.model)
+    add_special_tokens(tok)
+    vocab = sorted(tok.get_vocab().items())
+    payload = json.dumps([vocab, tok.bos_token, tok.eos_token, tok.pad_token], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_fingerprint_fields(cfg: KavaConfig) -> dict[str, object]:
+    m, e, d = cfg.model, cfg.eviction, cfg.data
+    weights = ("*.safetensors", "*.bin", "*.gguf", "config.json") if not m.gguf_file else (m.gguf_file,)
+    local = Path(m.name_or_path).exists()
+    return {
+        "format_version": FORMAT_VERSION,
+        "model.name_or_path": m.name_or_path if not local else Path(m.name_or_path).name,
+        "model.revision": m.revision,
+        "model.gguf_file": m.gguf_file,
+        "model.weights_sha": path_digest(m.name_or_path, weights) if local else "",
+        "model.dtype": m.dtype,
+        "model.teacher_adapter_sha": path_digest(m.teacher_adapter, ("adapter_model.*", "adapter_config.json")),
+        "tokenizer_sha": tokenizer_digest(cfg),
+        "data.train_sha": path_digest(d.train_path),
+        "data.cot_style": d.cot_style,
+        "data.drop_last_step": d.drop_last_step,
+        "data.answer_prompt": d.answer_prompt,
+        "data.max_tokens": d.max_tokens,
+        "data.numeric_answer": d.numeric_answer,
+        "data.limit": d.limit,
+        "latent.num_latents": cfg.latent.num_latents,
+        "eviction.method": e.method,
+        "eviction.lam": e.lam,
+        "eviction.order": e.order,
+        "eviction.rope": e.rope,
+        "eviction.gqa_pool": e.gqa_pool,
+        "eviction.short_cot": e.short_cot,
+        "eviction.seed": e.seed if e.method == "random" else 0,
+        "store.dtype": cfg.store.dtype,
+    }
+
+
+def cache_fingerprint(cfg: KavaConfig) -> tuple[str, dict[str, object]]:
+    fields = cache_fingerprint_fields(cfg)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return digest, fields
+
+
+def diff_fields(a: dict, b: dict) -> list[str]:
+    """Human-readable differences between two fingerprint field dicts."""
+    return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
