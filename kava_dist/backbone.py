@@ -81,8 +81,14 @@ def load_backbone(mcfg: ModelConfig, latent: LatentConfig | None = None, device:
     if model.config.model_type not in SUPPORTED:
         raise ValueError(f"model_type {model.config.model_type!r} is not supported; kava handles {SUPPORTED} "
                          "(their attention has no q/k norm, which the teacher hooks rely on).")
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        # Deterministic new rows (the mean of the old ones), identical in every process that loads the base:
+        # the adapter then only stores the trainable deltas of these rows, not the whole embedding matrix.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+                emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
     model.config.pad_token_id = special.pad
     model.kava_prj = LatentProjection(model.config.hidden_size, latent.projection_dropout) if (
         latent is not None and latent.use_projection) else nn.Identity()

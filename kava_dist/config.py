@@ -162,6 +162,12 @@ class BuildConfig:
     """Times a failed shard is retried (a dead actor is replaced) before it is reported as failed."""
     cpus_per_actor: float = 1.0
     """CPUs each teacher actor reserves."""
+    gpus_per_actor: float = 1.0
+    """GPUs each teacher actor reserves when the cluster has GPUs (0 = run on CPU)."""
+    ray_address: str = ""
+    """Ray cluster to join ('' = $RAY_ADDRESS, as set by `ray job submit`, else a local Ray started here)."""
+    object_store_mb: int = 0
+    """Object store of a local Ray started by the job (0 = Ray's default, 30% of RAM)."""
 
 
 @dataclass
@@ -190,6 +196,8 @@ class TrainConfig:
     """Seed of initialisation, data order and dropout."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0 | 1 | 2 | 3."""
+    deepspeed_config: str = ""
+    """Extra DeepSpeed JSON merged over the generated config (e.g. configs/deepspeed/zero3_offload.json)."""
     precision: str = "auto"
     """bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
     save_every: int = 0

@@ -1,0 +1,69 @@
+"""Evaluate a finished run: accuracy (95% Wilson CI), forward passes, tokens, latency and peak memory.
+
+Usage:
+    python -m jobs.evaluate --run runs/llama1b_aug --datasets gsm8k,gsm_hard,svamp --data-dir data --device cuda
+    python -m jobs.evaluate --run runs/x --datasets path/to/set.jsonl.gz,mult4x4 --limit 200 --batch-size 32
+    python -m jobs.evaluate --run runs/x --datasets gsm8k --budgets 8,16,24,32      # + latent-budget sweep
+
+Writes RUN/eval/{dataset}.json (summary + per-question records) and RUN/eval/summary.md; with --budgets also
+RUN/eval/budget/M{m}/{dataset}.json and RUN/eval/budget.json (drawn as a heatmap by `python -m jobs.report`).
+The decoding mode follows the run's train.stage: teacher -> Full CoT, student/online -> latent, nocot -> No-CoT.
+Names map to `{data-dir}/{name}.test.jsonl.gz`; any path to a file in the shared schema works as well.
+The decode loops live in kava_dist.evaluate.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kava_dist.evaluate import evaluate_run
+
+log = logging.getLogger(__name__)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 8,16,24,32), got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="run directory (config.yaml + adapter/)")
+    ap.add_argument("--datasets", default="",
+                    help="comma-separated names (gsm8k, gsm_hard, svamp, mult4x4, ...) or file paths; "
+                         "default: the config's eval.datasets")
+    ap.add_argument("--data-dir", default="data", help="where {name}.test.jsonl.gz files live (default: data/)")
+    ap.add_argument("--limit", type=int, default=None, help="first N questions per set (default: eval.limit; 0 = all)")
+    ap.add_argument("--batch-size", type=int, default=None, help="questions per batch (default: eval.batch_size)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="tokens to generate (default: eval.max_new_tokens, or eval.cot_max_new_tokens for teacher runs)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (dtype comes from model.dtype)")
+    ap.add_argument("--budgets", type=_ints, default=[],
+                    help="also sweep M (latent.num_latents at inference), e.g. 8,16,24,32 (student/online runs)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied on load, e.g. --set model.dtype=float32 (repeatable)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    summaries = evaluate_run(args.run, datasets, data_dir=args.data_dir, device=args.device,
+                             batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                             budgets=args.budgets, overrides=args.overrides, progress=not args.no_progress)
+    for name, s in summaries.items():
+        lo, hi = s["ci95"]
+        print(f"{name}: {100 * s['accuracy']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}] of {s['n']}, "
+              f"{s['forward_passes']:.2f} passes/q (prefill {s['prefill_passes']:.0f}), "
+              f"{1000 * s['latency_s']:.1f} ms/q")
+    return summaries
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,130 @@
+"""[2+3] Teacher targets for the store: the store spec of a config, and the processor a cache-build actor runs.
+
+Usage:
+    from kava_dist.targets import store_spec, TeacherTargets, plan_shards
+    spec = store_spec(cfg)                                 # fields k, v, valid, codi_h, index, example_id, cot_len
+    shards = plan_shards(encoded, spec.shard_size)         # {shard_id: [Encoded, ...]} sorted by length inside
+    proc = TeacherTargets(cfg_dict)                        # loads the frozen teacher once (GPU if present)
+    arrays, info = proc.process(shards[0])                 # per-example arrays in shard order + stats
+
+Each shard's examples are sorted by teacher length and cut into `build.batch_size` batches, so padding stays
+small; the shard's rows are stored in that order (`example_id` maps rows back to the data). A batch that fails
+is retried example by example and the examples that still fail are quarantined (reported, not written).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+
+import numpy as np
+import torch
+
+from kava_dist.config import KavaConfig, config_from_dict
+from kava_dist.prompts import Encoded, collate
+
+log = logging.getLogger(__name__)
+
+STORE_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def model_dims(cfg: KavaConfig) -> tuple[int, int, int, int]:
+    """(layers, KV heads, head dim, hidden size) from the backbone's config, without loading weights."""
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+    if cfg.model.revision:
+        kwargs["revision"] = cfg.model.revision
+    mc = AutoConfig.from_pretrained(cfg.model.name_or_path, **kwargs)
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    return mc.num_hidden_layers, mc.num_key_value_heads, head_dim, mc.hidden_size
+
+
+def store_spec(cfg: KavaConfig, dims: tuple[int, int, int, int] | None = None):
+    from cache_store.spec import CodecSpec, FieldSpec, StoreSpec
+
+    L, H, D, d = dims or model_dims(cfg)
+    M = cfg.latent.num_latents
+    sd = cfg.store.dtype
+    logical = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(sd, "bfloat16")
+    quant = sd if sd in ("int8", "int4") else None
+    fields = (
+        FieldSpec("k", (L, H, M, D), logical, quant=quant, quant_reduce_axes=(2,) if quant else ()),  # per channel
+        FieldSpec("v", (L, H, M, D), logical, quant=quant, quant_reduce_axes=(3,) if quant else ()),  # per token
+        FieldSpec("valid", (L, H, M), "bool"),
+        FieldSpec("codi_h", (L, d), "float32" if sd == "fp32" else "bfloat16"),
+        FieldSpec("index", (L, H, M), "int16"),
+        FieldSpec("example_id", (), "int64"),
+        FieldSpec("cot_len", (), "int32"),
+    )
+    spec = StoreSpec(fields=fields, shard_size=cfg.store.shard_examples or None,
+                     codec=CodecSpec(cfg.store.codec, clevel=cfg.store.clevel))
+    return spec.resolved()
+
+
+def plan_shards(encoded: list[Encoded], shard_size: int) -> dict[int, list[Encoded]]:
+    """Contiguous chunks of the data (deterministic), each sorted by teacher length (stable)."""
+    n = math.ceil(len(encoded) / shard_size)
+    return {s: sorted(encoded[s * shard_size:(s + 1) * shard_size], key=lambda e: e.teacher_len) for s in range(n)}
+
+
+class TeacherTargets:
+    """Runs inside one cache-build actor: the frozen teacher, forward + eviction, arrays for one shard."""
+
+    def __init__(self, cfg_dict: dict):
+        from kava_dist.backbone import load_teacher
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.teacher, self.tokenizer, self.special = load_teacher(self.cfg.model, device=self.device)
+
+    @torch.no_grad()
+    def _batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        from kava_dist.step import compute_targets
+        from kava_dist.teacher import teacher_forward
+
+        batch = collate(items, self.special.pad).to(self.device)
+        tout = teacher_forward(self.teacher, batch, rope=self.cfg.eviction.rope, with_hidden=True)
+        t = compute_targets(tout, self.cfg.eviction, self.cfg.latent.num_latents)
+        out = {k: v.cpu() for k, v in t.as_arrays().items()}
+        kv_dtype = STORE_TORCH_DTYPE.get(self.cfg.store.dtype, torch.bfloat16)   # int8/int4 quantise from bf16
+        out["k"], out["v"] = out["k"].to(kv_dtype), out["v"].to(kv_dtype)
+        out["codi_h"] = out["codi_h"].to(torch.float32 if self.cfg.store.dtype == "fp32" else torch.bfloat16)
+        if not (torch.isfinite(out["k"].float()).all() and torch.isfinite(out["v"].float()).all()):
+            raise FloatingPointError("teacher produced non-finite K/V")
+        out["example_id"] = batch.ids.cpu()
+        out["cot_len"] = batch.cot_mask.sum(1).to(torch.int32).cpu()
+        return out
+
+    def process(self, items: list[Encoded]) -> tuple[dict[str, torch.Tensor], dict]:
+        bs = self.cfg.build.batch_size
+        parts, quarantined, tokens = [], [], 0
+        for i in range(0, len(items), bs):
+            chunk = items[i:i + bs]
+            try:
+                parts.append(self._batch(chunk))
+                tokens += sum(e.teacher_len for e in chunk)
+            except (RuntimeError, FloatingPointError, ValueError) as err:
+                if "out of memory" in str(err).lower() and len(chunk) > 1:
+                    torch.cuda.empty_cache()
+                log.warning("batch of %d failed (%s); retrying one by one", len(chunk), err)
+                for e in chunk:
+                    try:
+                        parts.append(self._batch([e]))
+                        tokens += e.teacher_len
+                    except Exception as one_err:  # noqa: BLE001 - quarantined with its error, never fatal
+                        quarantined.append({"example_id": e.id, "error": repr(one_err),
+                                            "trace": traceback.format_exc(limit=3)})
+        if not parts:
+            raise RuntimeError(f"every example of the shard failed; first error: {quarantined[0]['error']}")
+        arrays = _concat(parts)
+        return arrays, {"tokens": tokens, "quarantined": quarantined, "rows": int(arrays["example_id"].shape[0])}
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate batches; pad nothing: every field has a fixed per-example shape."""
+    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+
+
+def as_numpy_ids(items: list[Encoded]) -> np.ndarray:
+    return np.array([e.id for e in items], dtype=np.int64)
