@@ -6,7 +6,8 @@ codi_h stays bf16) and codec, in one run:
   - write MB/s (raw bf16 bytes written per second, through StoreWriter.write_shard),
   - bytes per example on disk vs raw bf16 (whole example, and K+V only),
   - max relative error per field, per example ||x - x_hat||_2 / ||x||_2,
-  - random batches (default 32) read through StoreReader: examples/s with no consumer, and
+  - random batches (default 32) read through StoreReader: examples/s with no consumer (and, for
+    int8/int4, with dequantize=False: the parts a GPU would dequantise), and
     with a simulated training consumer (sleep batch/gpu_rate per batch) without and with prefetch.
 
 Data: keys = Gaussian + per-channel offsets with a few outlier channels x10 and per-layer scale;
@@ -114,6 +115,12 @@ def run_one(root: Path, model: str, mode: str, codec: CodecSpec, args: argparse.
     for _ in range(args.read_batches):
         r.get_batch(rng.choice(n, bs, replace=False))
     read_eps = args.read_batches * bs / (time.perf_counter() - t0)
+    raw_eps = None
+    if mode != "bf16":  # quantised parts only (dequantised later on the GPU with expand_quantized)
+        t0 = time.perf_counter()
+        for _ in range(args.read_batches):
+            r.get_batch(rng.choice(n, bs, replace=False), dequantize=False)
+        raw_eps = args.read_batches * bs / (time.perf_counter() - t0)
 
     def consumer(prefetch: int) -> float:
         step = bs / args.gpu_ex_per_s
@@ -129,7 +136,7 @@ def run_one(root: Path, model: str, mode: str, codec: CodecSpec, args: argparse.
         "model": model, "mode": mode, "codec": f"{codec.name}:{codec.clevel}", "examples": n, "shard_size": S,
         "raw_bf16_bytes_per_ex": raw_bf16 / n, "disk_bytes_per_ex": st["bytes_on_disk"] / n,
         "x_raw": st["bytes_on_disk"] / raw_bf16, "x_raw_kv": kv_disk / kv_raw,
-        "write_MBps": raw_bf16 / 1e6 / t_write, "read_ex_per_s": read_eps,
+        "write_MBps": raw_bf16 / 1e6 / t_write, "read_ex_per_s": read_eps, "read_parts_ex_per_s": raw_eps,
         "consumer_no_prefetch_ex_per_s": consumer(0), "consumer_prefetch2_ex_per_s": consumer(2),
         "max_rel_err_k": err["k"], "max_rel_err_v": err["v"],
     }
@@ -180,18 +187,20 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     hdr = (f"{'model':5} {'mode':5} {'codec':13} {'MB/ex':>6} {'x raw':>6} {'x raw KV':>8} {'write MB/s':>10} "
-           f"{'read ex/s':>9} {'cons no-pf':>10} {'cons pf=2':>9} {'max err k':>9} {'max err v':>9}")
+           f"{'read ex/s':>9} {'parts ex/s':>10} {'cons no-pf':>10} {'cons pf=2':>9} {'max err k':>9} {'max err v':>9}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in results:
         print(f"{r['model']:5} {r['mode']:5} {r['codec']:13} {r['disk_bytes_per_ex'] / 1e6:6.3f} {r['x_raw']:6.3f} "
               f"{r['x_raw_kv']:8.3f} {r['write_MBps']:10.0f} {r['read_ex_per_s']:9.0f} "
+              f"{r['read_parts_ex_per_s'] or float('nan'):10.0f} "
               f"{r['consumer_no_prefetch_ex_per_s']:10.0f} {r['consumer_prefetch2_ex_per_s']:9.0f} "
               f"{r['max_rel_err_k']:9.4f} {r['max_rel_err_v']:9.4f}")
     print(f"\nraw bf16 bytes/example: " + ", ".join(
         f"{m} {next(r['raw_bf16_bytes_per_ex'] for r in results if r['model'] == m) / 1e6:.3f} MB"
         for m in dict.fromkeys(r["model"] for r in results)))
     print("x raw = bytes on disk / raw bf16 bytes (whole example incl. codi_h kept in bf16); x raw KV = K and V only.")
-    print("read ex/s = random batches, no consumer; cons = effective ex/s with a consumer sleeping "
+    print("read ex/s = random batches, no consumer; parts ex/s = same with dequantize=False (int8/int4 parts "
+          "for expand_quantized on the GPU); cons = effective ex/s with a consumer sleeping "
           f"batch/{args.gpu_ex_per_s:g}s per batch (no prefetch / prefetch=2); max err = max over examples of "
           "||x - x_hat|| / ||x||.")
     target = 10 * args.gpu_ex_per_s

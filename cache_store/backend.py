@@ -201,14 +201,17 @@ class LocalBackend(Backend):
                 (d / n).unlink(missing_ok=True)
 
     def sync_file(self, rel: str) -> None:
-        try:
-            fd = os.open(self._p(rel), os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """fsync the file and its directory (so the rename zarr did is durable before we publish)."""
+        path = self._p(rel)
+        for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))):
+            try:
+                fd = os.open(target, flags)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 class FsspecBackend(Backend):

@@ -126,6 +126,18 @@ class ClaimManager:
         gen, rec = self._latest(claim.shard_id)
         return gen == claim.gen and rec is not None and rec.get("owner", {}).get("uuid") == self.owner["uuid"]
 
+    def current(self, shard_id: int) -> tuple[int, dict[str, Any] | None]:
+        """(newest generation, its record) of the shard's claim; (-1, None) if never claimed."""
+        return self._latest(shard_id)
+
+    def release_if_owned_by(self, shard_id: int, owner_uuid: str) -> bool:
+        """Release the claim if its newest generation is held by `owner_uuid` (e.g. a worker known to
+        be dead on another host, which this host cannot probe). True if released by this call."""
+        gen, rec = self._latest(shard_id)
+        if rec is None or rec.get("state") != "held" or rec.get("owner", {}).get("uuid") != owner_uuid:
+            return False
+        return self._put(shard_id, gen + 1, "released")
+
     def release(self, claim: Claim) -> None:
         if not self._put(claim.shard_id, claim.gen + 1, "released"):
             logger.warning("shard %d: claim gen %d was taken over before release", claim.shard_id, claim.gen)

@@ -68,6 +68,12 @@ def fingerprint_mismatch_message(url: str, stored_fp: str, stored_fields: Any, g
     )
 
 
+def _spec_view(spec: StoreSpec) -> dict[str, Any]:
+    """Spec as nested dicts keyed by field name, so a diff names e.g. 'fields.k.quant'."""
+    d = spec.to_dict()
+    return {**d, "field_order": [f["name"] for f in d["fields"]], "fields": {f["name"]: f for f in d["fields"]}}
+
+
 def _to_numpy(field: FieldSpec, value: Any) -> np.ndarray:
     """Input -> numpy in the field's stored logical representation (bfloat16 -> uint16 bits)."""
     if isinstance(value, torch.Tensor):
@@ -177,7 +183,7 @@ class StoreWriter:
             raise FingerprintMismatch(msg, diff)
         want = spec if spec.shard_size is not None else StoreSpec(spec.fields, rec.shard_size, spec.codec)
         if want.to_dict() != rec.spec.to_dict():
-            diff = diff_fields(rec.spec.to_dict(), want.to_dict())
+            diff = diff_fields(_spec_view(rec.spec), _spec_view(want))
             raise SpecMismatch(
                 f"store at {backend.url} was built with another spec; differences: {format_diff(diff, 'store', 'given')}. "
                 "Use a new store path (and put the spec in the fingerprint)."

@@ -1,13 +1,21 @@
 """Cache build: teacher forward + R-KV eviction of every training example into a Zarr store, on Ray.
 
 Usage:
+    # one machine, a local Ray started by the job:
     python -m jobs.build_cache --config configs/paper/llama1b_aug.yaml model.teacher_adapter=runs/t/adapter
-    ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python -m jobs.build_cache --config configs/paper/llama1b_aug.yaml store.path=s3://bucket/kava/llama1b_aug
+    # a Ray cluster (`ray start --head` + `ray start --address` on the workers), store on S3 or a shared FS:
+    ray job submit --address http://HEAD:8265 --working-dir . -- /path/to/venv/bin/python -m jobs.build_cache \
+        --config configs/paper/llama1b_aug.yaml store.path=s3://bucket/kava/llama1b_aug
 
 Plans shards from the data (contiguous chunks, sorted by length inside), skips the shards the store's ledger
 already has (so a rerun resumes), and runs one teacher actor per GPU (`build.num_actors`, `build.gpus_per_actor`;
-one CPU actor when the cluster has no GPU). Exits 1 if a shard failed after its retries (the others are done).
+one CPU actor when the cluster has no GPU). The driver shows a progress bar (examples/s with ETA, teacher
+tokens/s, shards done/total) and ends with a summary (examples, tokens, bytes, compression, wall time, examples
+skipped and why). Reports go to the store's meta/: data_report, build_report, quarantine. See docs/CACHE_BUILD.md.
+
+Exit codes: 0 = store complete; 1 = some shard failed after its retries (the others are written; rerun the same
+command after fixing the cause); 2 = the store at store.path belongs to another config (fingerprint or spec
+differs; the message names the fields) or the build could not start.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -24,13 +33,21 @@ if __package__ in (None, ""):
 
 log = logging.getLogger("jobs.build_cache")
 
+EXIT_OK, EXIT_SHARDS_FAILED, EXIT_USAGE = 0, 1, 2
+
 
 def init_ray(cfg) -> dict:
-    import ray
-
+    """Join `build.ray_address` / $RAY_ADDRESS (set by `ray job submit`), reuse a connection made by the caller,
+    or start a local Ray on loopback. Returns the cluster's resources."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.build.ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if not address:     # a local Ray: every socket on 127.0.0.1 (read by Ray at import)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        pass
+    elif address:
         ray.init(address=address, log_to_driver=True)
     else:
         kwargs = {"include_dashboard": False}
@@ -40,59 +57,119 @@ def init_ray(cfg) -> dict:
     return ray.cluster_resources()
 
 
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def summary_text(result, stats: dict, data_report: dict, quarantined: list[dict], wall_s: float) -> str:
+    """The end-of-build summary (also stored as meta/build_report.json's "summary")."""
+    skipped = data_report.get("skipped", {})
+    why = "; ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
+    ratio = stats.get("compression_ratio")
+    lines = [
+        "cache build summary",
+        f"  store           {stats['url']} (fingerprint {stats['fingerprint']})",
+        f"  shards          {stats['shards_done']}/{stats['shards_total']} done: {result.shards_written} written now, "
+        f"{result.shards_skipped} already done, {len(result.failed)} failed",
+        f"  examples        {stats['rows']} stored ({result.rows} now, {result.rows / result.busy_s:.1f}/s); "
+        f"{data_report.get('rows', '?')} rows read, {data_report.get('kept', '?')} kept",
+        f"  skipped         {sum(skipped.values())} by the data check ({why}); {len(quarantined)} quarantined by the "
+        f"teacher (meta/quarantine.json)",
+        f"  teacher tokens  {result.tokens} ({result.tokens / result.busy_s:,.0f}/s)",
+        f"  bytes           {_fmt_bytes(stats['bytes_on_disk'])} on disk, {_fmt_bytes(stats['raw_bytes'])} raw, "
+        f"compression {ratio:.2f}x" if ratio else f"  bytes           {_fmt_bytes(stats['bytes_on_disk'])} on disk",
+        f"  wall time       {wall_s:.1f} s (build {result.seconds:.1f} s, of which actor start {result.startup_s:.1f} s; compute {result.compute_s:.1f} s, write "
+        f"{result.write_s:.1f} s, {result.overlap_s:.1f} s of writes overlapped compute)",
+        f"  failures        {result.retries} retries, {result.actors_replaced} actors replaced",
+    ]
+    for s, f in sorted(result.failed.items()):
+        last = f["error"].strip().splitlines()[-1] if f["error"].strip() else "?"
+        lines.append(f"  FAILED shard {s} after {f['attempts']} attempts: {last}; example ids {f['item_ids']}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    t0 = time.time()
 
-    from cache_store.builder import BuildSettings, build_store
+    from cache_store.builder import BuildError, BuildReport, BuildSettings, build_store, collect_quarantine
+    from cache_store.errors import FingerprintMismatch, SpecMismatch
     from cache_store.reader import StoreReader
     from cache_store.writer import StoreWriter
     from kava_dist.backbone import load_tokenizer
     from kava_dist.config import load_config, to_dict
     from kava_dist.fingerprint import cache_fingerprint
     from kava_dist.prompts import add_special_tokens, encode_examples, load_examples
-    from kava_dist.targets import TeacherTargets, plan_shards, store_spec
+    from kava_dist.targets import TeacherTargets, plan_actors, plan_shards, store_spec
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.store.path:
-        raise SystemExit("store.path is empty: say where the store goes (a local dir or s3://bucket/prefix).")
+        log.error("store.path is empty: say where the store goes (a local dir or s3://bucket/prefix).")
+        return EXIT_USAGE
     tok = load_tokenizer(cfg.model)
     add_special_tokens(tok)
     d = cfg.data
     examples, report = load_examples(d.train_path, d.cot_style, d.numeric_answer, d.limit)
     encoded, report = encode_examples(examples, tok, d.answer_prompt, d.drop_last_step, d.max_tokens, report)
     log.info("data: %s", report.summary())
+    if not encoded:
+        log.error("no example left after the data check (%s); check data.train_path / data.max_tokens",
+                  report.summary())
+        return EXIT_USAGE
     digest, fields = cache_fingerprint(cfg)
     spec = store_spec(cfg)
     shards = plan_shards(encoded, spec.shard_size)
+    so = cfg.store.storage_options or None
     store_args = dict(url=cfg.store.path, spec=spec, fingerprint=digest, fingerprint_fields=fields,
-                      num_shards=len(shards), storage_options=cfg.store.storage_options or None)
-    writer = StoreWriter.create_or_open(**store_args)     # refuses another fingerprint, naming the fields
+                      num_shards=len(shards), storage_options=so)
+    try:
+        writer = StoreWriter.create_or_open(**store_args)
+    except (FingerprintMismatch, SpecMismatch) as e:
+        log.error("%s", e)
+        return EXIT_USAGE
     writer.put_meta("data_report", report.to_dict())
     writer.put_meta("config", to_dict(cfg))
-    resources = init_ray(cfg)
-    gpus = int(resources.get("GPU", 0))
-    per = cfg.build.gpus_per_actor if gpus else 0.0
-    n_actors = cfg.build.num_actors or (max(1, int(gpus // per)) if per else 1)
-    log.info("store %s: %d examples in %d shards of %d (%d already done); %d actor(s), %.2g GPU each; fingerprint %s",
-             cfg.store.path, len(encoded), len(shards), spec.shard_size, len(writer.done_shards()), n_actors, per, digest)
-    settings = BuildSettings(num_actors=n_actors, num_gpus=per, num_cpus=cfg.build.cpus_per_actor,
-                             max_retries=cfg.build.max_retries)
-    result = build_store(store_args, shards, functools.partial(TeacherTargets, to_dict(cfg)), settings)
-    writer.put_meta("build_report", result.to_dict())
-    if result.quarantined:
-        writer.put_meta("quarantine", result.quarantined)
-    stats = StoreReader(cfg.store.path, storage_options=cfg.store.storage_options or None).stats()
-    log.info("build: %s", result.summary())
-    log.info("store: %s", json.dumps(stats, default=str))
+    done = writer.done_shards()
+    if len(done) == len(shards):
+        log.info("store %s is already complete (%d shards); nothing to compute", cfg.store.path, len(shards))
+        result = BuildReport(shards_total=len(shards), shards_skipped=len(shards))
+    else:
+        resources = init_ray(cfg)
+        try:
+            n_actors, per = plan_actors(resources, cfg.build)
+        except ValueError as e:
+            log.error("%s", e)
+            return EXIT_USAGE
+        log.info("store %s: %d examples in %d shards of %d (%d already done); %d actor(s), %g GPU and %g CPU "
+                 "each; fingerprint %s", cfg.store.path, len(encoded), len(shards), spec.shard_size, len(done),
+                 n_actors, per, cfg.build.cpus_per_actor, digest)
+        settings = BuildSettings(num_actors=n_actors, num_gpus=per, num_cpus=cfg.build.cpus_per_actor,
+                                 max_retries=cfg.build.max_retries)
+        try:
+            result = build_store(store_args, shards, functools.partial(TeacherTargets, to_dict(cfg)), settings)
+        except BuildError as e:
+            log.error("%s", e)
+            return EXIT_USAGE
+    quarantined = collect_quarantine(writer)
+    writer.put_meta("quarantine", quarantined)
+    stats = StoreReader(cfg.store.path, storage_options=so).stats()
+    text = summary_text(result, stats, report.to_dict(), quarantined, time.time() - t0)
+    writer.put_meta("build_report", result.to_dict() | {"summary": text, "store": stats})
+    log.info("store stats: %s", json.dumps({k: v for k, v in stats.items() if k != "fields"}, default=str))
+    print(text, flush=True)
     if not result.ok:
-        log.error("%d shard(s) failed: %s. Fix the cause and rerun the same command: finished shards are kept.",
-                  len(result.failed), sorted(result.failed))
-        return 1
-    return 0
+        log.error("%d shard(s) failed: %s (errors and example ids in meta/build_report.json). Fix the cause and "
+                  "rerun the same command: finished shards are kept.", len(result.failed), sorted(result.failed))
+        return EXIT_SHARDS_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

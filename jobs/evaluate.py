@@ -17,8 +17,6 @@ import argparse
 import logging
 import sys
 
-from kava_dist.evaluate import evaluate_run
-
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="first N questions per set (default: eval.limit; 0 = all)")
     ap.add_argument("--batch-size", type=int, default=None, help="questions per batch (default: eval.batch_size)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
-                    help="tokens to generate (default: eval.max_new_tokens, or eval.cot_max_new_tokens for teacher runs)")
+                    help="tokens to generate (default: eval.max_new_tokens; eval.cot_max_new_tokens for "
+                         "teacher runs)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (dtype comes from model.dtype)")
     ap.add_argument("--budgets", type=_ints, default=[],
                     help="also sweep M (latent.num_latents at inference), e.g. 8,16,24,32 (student/online runs)")
@@ -52,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    from kava_dist.evaluate import evaluate_run      # after parsing: --help stays fast (no torch import)
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     summaries = evaluate_run(args.run, datasets, data_dir=args.data_dir, device=args.device,

@@ -7,7 +7,12 @@ Usage:
     python -m jobs.train --config configs/tiny_cpu.yaml train.stage=online       # CPU (gloo) or one GPU
     python -m jobs.train --help-config                                           # every field, default, docstring
 
-Overrides are dotted `section.key=value`; `--resume` continues from the run's latest checkpoint.
+Overrides are dotted `section.key=value`; `--resume` continues from the run's latest checkpoint (same config,
+same number of processes; RESUMABLE in kava_dist/engine.py lists the fields that may change). Global batch =
+train.micro_batch x accumulation x processes: accumulation is derived from train.global_batch, so the same
+config runs on 1, 2 or 8 GPUs with the same optimisation. ZeRO stage: train.zero_stage; DeepSpeed extras:
+train.deepspeed_config=configs/deepspeed/zero3_offload.json. Baselines through the same entry: CODI-style
+loss.alpha_kv=0, PCCoT-style loss.alpha_codi=0. See docs/TRAINING.md.
 """
 from __future__ import annotations
 
@@ -38,23 +43,35 @@ def setup_logging(rank: int) -> None:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from kava_dist.config import describe, load_config
+    from kava_dist.config import ConfigError, describe, load_config
 
     if args.help_config:
         print(describe())
         return 0
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch.distributed as tdist
+
     from kava_dist.engine import init_distributed
-    from kava_dist.trainer import Trainer
+    from kava_dist.trainer import FingerprintError, Trainer
 
     dist = init_distributed()
     setup_logging(dist.rank)
-    trainer = Trainer(cfg, dist)
+    try:
+        trainer = Trainer(cfg, dist)
+    except (FingerprintError, FileExistsError, FileNotFoundError) as e:   # errors that name their fix
+        logging.getLogger("jobs.train").error("%s", e)
+        return 2
     try:
         trainer.run()
     finally:
         trainer.close()
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
     return 0
 
 

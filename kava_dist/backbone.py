@@ -106,17 +106,18 @@ def new_token_ids(special: SpecialIds, base_vocab: int | None = None) -> list[in
 
 
 def add_lora(model, special: SpecialIds, lcfg: LoraSettings, latent: LatentConfig):
-    """Wrap in peft LoRA; train LoRA, the projection (modules_to_save) and the new-token embeddings."""
+    """Wrap in peft LoRA; train LoRA, the projection (modules_to_save) and the new-token embeddings.
+    With `lora.enabled=false` every weight trains instead (full fine-tuning; the demo trains from scratch)."""
     from peft import LoraConfig, get_peft_model
 
+    if not lcfg.enabled:
+        model.requires_grad_(True)
+        log.info("full fine-tuning: %d trainable parameters", sum(p.numel() for p in model.parameters()))
+        return model
     save = ["kava_prj"] if latent.use_projection else []
     tokens = {"embed_tokens": new_token_ids(special)} if lcfg.train_new_tokens else None
-    targets = lcfg.target_modules if lcfg.enabled else ["__none__"]
-    pcfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=targets,
+    pcfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lcfg.target_modules,
                       modules_to_save=save or None, trainable_token_indices=tokens, task_type="CAUSAL_LM")
-    if not lcfg.enabled:
-        pcfg.target_modules = set()
-        pcfg.r = 1
     peft_model = get_peft_model(model, pcfg)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in peft_model.parameters())
@@ -125,27 +126,50 @@ def add_lora(model, special: SpecialIds, lcfg: LoraSettings, latent: LatentConfi
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool):
-    """Load a saved kava adapter (LoRA + projection + token deltas) onto a base from `load_backbone`."""
+    """Load a saved kava adapter (LoRA + projection + token deltas) onto a base from `load_backbone`.
+    A full fine-tune's export (config.json + weights, see kava_dist.run) replaces the weights instead."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "config.json").exists() and not (adapter_dir / "adapter_config.json").exists():
+        return load_full(model, adapter_dir, trainable)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json. Point at the `adapter/` dir that "
                                 "train.stage=teacher (or student) exported.")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
+def load_full(model, model_dir: str | Path, trainable: bool):
+    """Load a full fine-tune's weights (and its projection, if saved) into `model` in place."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    state = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("kava_prj") and k != "lm_head.weight"]
+    unexpected = [k for k in unexpected if not k.startswith("kava_prj")]
+    if missing or unexpected:
+        raise ValueError(f"{model_dir} does not fit the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    model.requires_grad_(trainable)
+    return model
+
+
 def load_teacher(mcfg: ModelConfig, device: str | torch.device = "cpu"):
     """The frozen teacher: base (+ teacher adapter, merged) in eval mode. Returns (model, tokenizer, special)."""
     model, tokenizer, special = load_backbone(mcfg, latent=None, device=device)
     if mcfg.teacher_adapter:
-        model = load_adapter(model, mcfg.teacher_adapter, trainable=False).merge_and_unload()
+        model = load_adapter(model, mcfg.teacher_adapter, trainable=False)
+        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     model.eval().requires_grad_(False)
     return model, tokenizer, special
 
 
 def parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(CausalLM, decoder stack, projection) of a plain or peft-wrapped model."""
+    """(CausalLM, decoder stack, projection) of a plain, peft-wrapped or DeepSpeed-wrapped model."""
+    if type(model).__name__ == "DeepSpeedEngine":
+        model = model.module
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return lm, lm.model, lm.kava_prj if hasattr(lm, "kava_prj") else nn.Identity()
 

@@ -47,7 +47,7 @@ class ModelConfig:
 @dataclass
 class LoraSettings:
     enabled: bool = True
-    """Train LoRA adapters (False = train nothing but projection and new-token embeddings)."""
+    """Train LoRA adapters; false = full fine-tuning of every weight (e.g. the demo's from-scratch teacher)."""
     r: int = 128
     """LoRA rank (paper: 128)."""
     alpha: int = 32
@@ -208,6 +208,10 @@ class TrainConfig:
     """Evaluate on data.valid_path every N steps (0 = never during training)."""
     resume: bool = False
     """Continue from the latest checkpoint in out_dir."""
+    stop_at_step: int = 0
+    """End this invocation after N optimizer steps with a checkpoint, schedule unchanged (0 = run to the end); resume later."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints in out_dir/checkpoints (0 = keep all)."""
 
 
 @dataclass

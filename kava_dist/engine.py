@@ -3,15 +3,24 @@
 Usage:
     from kava_dist import engine as E
     dist = E.init_distributed()                                # env from the deepspeed launcher, or one process
-    ds_engine = E.build_engine(model, cfg.train, total_steps, dist)
-    loss = ...; ds_engine.backward(loss); ds_engine.step()     # DeepSpeed handles accumulation boundaries
-    E.save_checkpoint(ds_engine, run_dir, step, cfg, extra)    # global_step{N} + client_state + config
+    module = E.StageModule(peft_model, "student", special, cfg)   # model + the stage's loss in one forward
+    ds_engine = E.build_engine(module, cfg.train, total_steps, dist)
+    terms = ds_engine(batch, targets); ds_engine.backward(terms["loss"])
+    gn = E.grad_norm(ds_engine, cfg.train.zero_stage)          # at the accumulation boundary, before step()
+    ds_engine.step()                                           # DeepSpeed handles accumulation boundaries
+    E.save_checkpoint(ds_engine, run_dir, step, cfg, extra)    # global_step{N} + client_state + config + RNG
     step, extra = E.load_checkpoint(ds_engine, run_dir, cfg)   # validates the run's config before resuming
-    E.export_trainable(ds_engine, tokenizer, run_dir / "adapter", meta)   # gathered under ZeRO-3
+    E.export_trainable(ds_engine, tokenizer, run_dir / "adapter", meta, zero_stage)   # gathered under ZeRO-3
 
-Global batch = micro x accumulation x world size: accumulation is derived from `train.global_batch` and checked.
-The optimizer is a torch AdamW handed to DeepSpeed (no fused_adam JIT build on CPU). Schedule: linear warmup
-over `warmup_ratio` of the steps, then cosine to 0.
+The loss is computed inside `StageModule.forward`, so every micro-step goes through `engine(...)`: DeepSpeed's
+forward bookkeeping (ZeRO-3 gradient accumulation counts micro-steps there, the backward prologue is hooked
+on the outputs) must run; calling the wrapped model's submodules directly silently breaks ZeRO-3 accumulation.
+
+Global batch = micro x accumulation x world size: accumulation is derived from `train.global_batch`, checked
+here and against the engine. The optimizer is a torch AdamW handed to DeepSpeed (no fused_adam / cpu_adam JIT
+build). Schedule: linear warmup over `warmup_ratio` of the steps, then cosine to 0. `train.deepspeed_config`
+names a JSON overlay (configs/deepspeed/*.json) deep-merged over the generated config; it may not set what the
+kava config owns (batch sizes, optimizer, scheduler, precision, ZeRO stage): the error names the field to use.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +69,14 @@ def init_distributed() -> Dist:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     cuda = torch.cuda.is_available()
-    if not cuda:  # skip DeepSpeed's ~90 s JIT build of its CPU shared-memory all-reduce (gloo is used instead)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
+    if not cuda:
+        # skip DeepSpeed's ~90 s JIT build of its CPU shared-memory all-reduce (gloo is used instead)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        local_procs = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        if local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:  # don't oversubscribe the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+    else:
         torch.cuda.set_device(local)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -70,14 +84,37 @@ def init_distributed() -> Dist:
 
 
 def use_bf16(tc: TrainConfig, device: torch.device) -> bool:
+    """bf16 when asked, or on GPU under precision=auto; fp32 otherwise (fp16 is not offered)."""
     return tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
 
 
-def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device) -> dict:
+def accumulation(tc: TrainConfig, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step, so that micro x accum x world = global batch."""
     if tc.global_batch % (tc.micro_batch * world_size):
         raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by train.micro_batch={tc.micro_batch} "
-                         f"x {world_size} ranks. Set train.micro_batch to a divisor of {tc.global_batch // world_size}.")
-    accum = tc.global_batch // (tc.micro_batch * world_size)
+                         f"x {world_size} ranks. Set train.micro_batch to a divisor of {tc.global_batch} / {world_size} "
+                         f"or train.global_batch to a multiple of {tc.micro_batch * world_size}.")
+    return tc.global_batch // (tc.micro_batch * world_size)
+
+
+# keys of a DeepSpeed overlay that the kava config owns, and the field to set instead
+OWNED = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
+         "gradient_accumulation_steps": "train.global_batch (accumulation is derived from it)",
+         "gradient_clipping": "train.grad_clip", "optimizer": "train.lr / train.weight_decay (a torch AdamW is used)",
+         "scheduler": "train.warmup_ratio (cosine with warmup is built here)", "bf16": "train.precision",
+         "fp16": "train.precision (fp16 is not supported; use bf16)"}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed config of this run: generated from `train.*`, then the `train.deepspeed_config` overlay."""
+    accum = accumulation(tc, world_size)
     zero: dict = {"stage": tc.zero_stage}
     if tc.zero_stage >= 2:
         zero.update(overlap_comm=device.type == "cuda", contiguous_gradients=True, reduce_bucket_size=5e7)
@@ -94,14 +131,37 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device) -> 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if tc.deepspeed_config:
-        extra = json.loads(Path(tc.deepspeed_config).read_text())
-        for k, v in extra.items():
-            cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    if not tc.deepspeed_config:
+        return cfg
+    path = Path(tc.deepspeed_config)
+    if not path.exists():
+        raise FileNotFoundError(f"train.deepspeed_config={path} does not exist. Point it at a JSON overlay such as "
+                                "configs/deepspeed/zero3_offload.json, or leave it empty.")
+    try:
+        extra = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"train.deepspeed_config={path} is not valid JSON ({e}).") from None
+    for key, field in OWNED.items():
+        if key in extra:
+            raise ValueError(f"{path} sets {key!r}, which the kava config owns: remove it and set {field} instead.")
+    stage = extra.get("zero_optimization", {}).get("stage", tc.zero_stage)
+    if stage != tc.zero_stage:
+        raise ValueError(f"{path} sets zero_optimization.stage={stage} but train.zero_stage={tc.zero_stage}: "
+                         f"pass train.zero_stage={stage} (and drop the stage from the overlay).")
+    cfg = _merge(cfg, extra)
+    zo = cfg["zero_optimization"]
+    if zo.get("offload_param") and tc.zero_stage != 3:
+        raise ValueError(f"{path} offloads parameters, which needs ZeRO-3: set train.zero_stage=3.")
+    if zo.get("offload_optimizer") and tc.zero_stage == 0:
+        raise ValueError(f"{path} offloads the optimizer, which needs ZeRO >= 1: set train.zero_stage to 1, 2 or 3.")
+    if zo.get("offload_optimizer") or zo.get("offload_param"):
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)   # keep the torch AdamW (no cpu_adam JIT build)
     return cfg
 
 
 def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float):
+    """LR factor for optimizer step k (0-based): (k+1)/W for k < W = round(warmup_ratio * total), then
+    0.5 * (1 + cos(pi * (k - W) / (total - W))): peak at k = W, 0 after the last step."""
     warm = int(round(warmup_ratio * total_steps))
 
     def factor(step: int) -> float:
@@ -113,19 +173,88 @@ def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class StageModule(torch.nn.Module):
+    """The trained (peft) model and its stage's loss: forward(batch, targets) -> {"loss", term: tensor, ...}.
+
+    stage: teacher | student | online | nocot (kava_dist.step's teacher_step, offline_step, online_step,
+    nocot_step). `targets` is only read by `student` (None there = the student CE alone, for validation)."""
+
+    def __init__(self, model, stage: str, special, cfg: KavaConfig):
+        super().__init__()
+        if stage not in ("teacher", "student", "online", "nocot"):
+            raise ValueError(f"train.stage={stage!r} is not one of teacher, student, online, nocot.")
+        self.model, self.stage, self.special, self.cfg = model, stage, special, cfg
+
+    def forward(self, batch, targets=None) -> dict:
+        from kava_dist.step import nocot_step, offline_step, online_step, teacher_step
+
+        if self.stage == "teacher":
+            return teacher_step(self.model, batch)
+        if self.stage == "nocot":
+            return nocot_step(self.model, batch)
+        if self.stage == "online":
+            return online_step(self.model, batch, self.special, self.cfg)
+        return offline_step(self.model, batch, self.special, targets, self.cfg)
+
+
+def unwrap(engine_or_module):
+    """The peft model inside a DeepSpeed engine and/or StageModule."""
+    m = getattr(engine_or_module, "module", engine_or_module)
+    return m.model if isinstance(m, StageModule) else m
+
+
+def _register_zero3_external(model) -> int:
+    """peft's TrainableTokensLayer reads its base weight and token rows without calling the modules that own
+    them; under ZeRO-3 those would stay empty partitions. Register them so DeepSpeed gathers them."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    n = 0
+    for mod in model.modules():
+        deltas = getattr(mod, "trainable_tokens_delta", None)
+        base = getattr(mod, "base_layer", None)
+        if deltas is None or base is None:
+            continue
+        for p in list(deltas.parameters()) + [base.weight]:
+            register_external_parameter(mod, p)
+            n += 1
+    return n
+
+
 def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist):
+    """torch AdamW (no decay on 1-D params) + cosine-with-warmup, wrapped in a DeepSpeed engine."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad. Enable lora.enabled, latent.use_projection "
+                         "or lora.train_new_tokens.")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = cosine_with_warmup(opt, total_steps, tc.warmup_ratio)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(tc, dist.world_size, dist.device),
+    ds_cfg = deepspeed_config(tc, dist.world_size, dist.device)
+    if tc.zero_stage == 3:
+        _register_zero3_external(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg,
                                            dist_init_required=False)
+    got = (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), dist.world_size)
+    if got[0] * got[1] * got[2] != tc.global_batch or engine.train_batch_size() != tc.global_batch:
+        raise RuntimeError(f"DeepSpeed runs micro {got[0]} x accum {got[1]} x world {got[2]} != train.global_batch="
+                           f"{tc.global_batch}; check the train.deepspeed_config overlay.")
     return engine
+
+
+def grad_norm(engine, zero_stage: int) -> float:
+    """Global gradient norm (before clipping) of the current step. Call at the accumulation boundary, after the
+    last backward and before `engine.step()`: DeepSpeed's ZeRO optimizers record it during the step (read it
+    after with `engine.get_global_grad_norm()`); its fp32 stage-0 path never does, so it is computed here."""
+    if zero_stage > 0 or engine.bfloat16_enabled():
+        return float("nan")   # filled in after the step from engine.get_global_grad_norm()
+    grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return float("nan")
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def rng_state() -> dict:
@@ -143,76 +272,114 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-# config fields a resumed run may change without invalidating the checkpoint
-RESUMABLE = {"train.resume", "train.max_steps", "train.save_every", "train.log_every", "train.eval_every",
-             "eval", "store.verify", "build"}
+# config fields a resumed run may change without invalidating the checkpoint (a dotted prefix covers its subtree)
+RESUMABLE = {"train.resume", "train.out_dir", "train.save_every", "train.log_every", "train.eval_every",
+             "train.stop_at_step", "train.keep_checkpoints", "eval", "build", "store.path", "store.storage_options",
+             "store.verify"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = prefix + k
-        if isinstance(v, dict) and key not in RESUMABLE:
+        if key in RESUMABLE:
+            continue
+        if isinstance(v, dict) and v:
             out.update(_flat(v, key + "."))
-        elif key not in RESUMABLE:
+        else:
             out[key] = v
     return out
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, cfg: KavaConfig, extra: dict) -> Path:
-    """Every rank calls this (DeepSpeed writes its partitions); rank 0 adds the resolved config."""
+def config_diff(saved: KavaConfig, current: KavaConfig) -> list[str]:
+    """Fields (outside RESUMABLE) whose values differ, as 'key: saved -> current'."""
+    a, b = _flat(to_dict(saved)), _flat(to_dict(current))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _ckpt_steps(ckpt: Path) -> list[int]:
+    out = []
+    for p in ckpt.glob("global_step*"):
+        if p.is_dir() and p.name[len("global_step"):].isdigit():
+            out.append(int(p.name[len("global_step"):]))
+    return sorted(out)
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, cfg: KavaConfig, extra: dict, keep: int = 0) -> Path:
+    """Every rank calls this (DeepSpeed writes its partitions; frozen base weights are left out). The resolved
+    config and each rank's RNG state go into the tag dir first; DeepSpeed writes `latest` last, so a kill
+    mid-save leaves the previous checkpoint as the one to resume. `keep` > 0 deletes all but the newest `keep`."""
+    import torch.distributed as tdist
+
     from kava_dist.run import versions
 
     ckpt = Path(run_dir) / "checkpoints"
     tag = f"global_step{step}"
-    client = {"step": step, "rng": rng_state(), "config": to_dict(cfg), "versions": versions(), **extra}
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client)
-    if engine.global_rank == 0:
+    rank = engine.global_rank
+    (ckpt / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), ckpt / tag / f"rng_rank{rank}.pt")
+    if rank == 0:
         save_config(cfg, ckpt / tag / "config.yaml")
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    client = {"step": step, "world_size": world, "rng": rng_state(), "config": to_dict(cfg), "versions": versions(),
+              **extra}
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, exclude_frozen_parameters=True)
+    if keep > 0 and rank == 0:
+        for old in _ckpt_steps(ckpt)[:-keep]:
+            shutil.rmtree(ckpt / f"global_step{old}", ignore_errors=True)
     return ckpt / tag
 
 
-def load_checkpoint(engine, run_dir: Path, cfg: KavaConfig) -> tuple[int, dict]:
+def load_checkpoint(engine, run_dir: Path, cfg: KavaConfig, tag: str | None = None) -> tuple[int, dict]:
+    """Restore module, optimizer, scheduler, RNG and step from checkpoints/latest (or `tag`), after checking
+    that the saved config equals this one outside RESUMABLE and that the world size is the same."""
+    import torch.distributed as tdist
+
     ckpt = Path(run_dir) / "checkpoints"
-    if not (ckpt / "latest").exists():
-        raise FileNotFoundError(f"train.resume=true but {ckpt} holds no checkpoint (no 'latest'). "
-                                "Drop train.resume or point train.out_dir at the run to continue.")
-    tag = (ckpt / "latest").read_text().strip()
+    if tag is None:
+        if not (ckpt / "latest").exists():
+            raise FileNotFoundError(f"train.resume=true but {ckpt} holds no checkpoint (no 'latest'). "
+                                    "Drop train.resume / --resume, or point train.out_dir at the run to continue.")
+        tag = (ckpt / "latest").read_text().strip()
+    if not (ckpt / tag / "config.yaml").exists():
+        have = ", ".join(f"global_step{s}" for s in _ckpt_steps(ckpt)) or "none"
+        raise FileNotFoundError(f"checkpoint {ckpt / tag} is missing or incomplete (no config.yaml); "
+                                f"checkpoints present: {have}. Write the tag to resume into {ckpt / 'latest'}.")
     saved = load_config(ckpt / tag / "config.yaml")
-    diff = sorted(k for k, v in _flat(to_dict(cfg)).items() if _flat(to_dict(saved)).get(k) != v)
+    diff = config_diff(saved, cfg)
     if diff:
-        raise ValueError(f"cannot resume {ckpt / tag}: the config differs in {', '.join(diff)}. Resume with the run's "
-                         f"own config.yaml, or start a new train.out_dir.")
-    _, client = engine.load_checkpoint(str(ckpt), tag=tag)
+        raise ValueError(f"cannot resume {ckpt / tag}: the config differs in {'; '.join(diff)}. Resume with the run's "
+                         f"own config ({ckpt / tag / 'config.yaml'}) or start a new train.out_dir.")
+    _, client = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt / tag}.")
-    set_rng_state(client["rng"])
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    if int(client.get("world_size", world)) != world:
+        raise ValueError(f"{ckpt / tag} was written by {client['world_size']} processes, this run has {world}: "
+                         f"resume with {client['world_size']} processes (the data order would match, the ZeRO "
+                         "partitions do not).")
+    mine = ckpt / tag / f"rng_rank{engine.global_rank}.pt"
+    set_rng_state(torch.load(mine, weights_only=False) if mine.exists() else client["rng"])
     return int(client["step"]), client
 
 
 def export_trainable(engine, tokenizer, out_dir: Path, meta: dict, zero_stage: int) -> None:
-    """Export the peft adapter (LoRA + projection + token deltas) loadable by PeftModel.from_pretrained."""
+    """Export the peft adapter (LoRA + projection + token rows) loadable by PeftModel.from_pretrained.
+    Every rank must call this (ZeRO-3 gathers the partitioned trainable parameters collectively)."""
     import deepspeed
     import torch.distributed as tdist
 
     from kava_dist.run import export_adapter
 
-    model = engine.module
+    model = unwrap(engine)
     if zero_stage == 3:
         params = [p for p in model.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if engine.global_rank == 0:
-                _export_gathered(model, tokenizer, out_dir, meta)
+                # Only the adapter keys matter (peft filters them); frozen base weights stay empty partitions.
+                state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+                export_adapter(model, tokenizer, out_dir, meta, state_dict=state)
     elif engine.global_rank == 0:
         export_adapter(model, tokenizer, out_dir, meta)
     if tdist.is_initialized():
         tdist.barrier()
-
-
-def _export_gathered(model, tokenizer, out_dir: Path, meta: dict) -> None:
-    """Under ZeRO-3 the module's own state_dict would hold empty partitions; copy the gathered tensors."""
-    from kava_dist.run import export_adapter
-
-    # Full-model keys (peft filters the adapter ones); frozen base weights stay empty partitions, costing nothing.
-    state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
-    export_adapter(model, tokenizer, out_dir, meta, state_dict=state)

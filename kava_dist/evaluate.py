@@ -48,6 +48,7 @@ MODES = {"teacher": "cot", "student": "latent", "online": "latent", "nocot": "no
 DATASET_LABELS = {"gsm8k": "GSM8k", "gsm_hard": "GSM-Hard", "svamp": "SVAMP", "multiarith": "MultiArith",
                   "mult4x4": "4x4 Mult", "mult5x5": "5x5 Mult", "gsm8k_aug": "GSM8k-AUG test",
                   "gsm8k_aug_nl": "GSM8k-AUG-NL test"}
+DATASET_ORDER = ("gsm8k", "gsm_hard", "svamp", "multiarith", "mult4x4", "mult5x5")
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 _EXTS = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".txt")
 Z95 = 1.959963984540054
@@ -246,8 +247,10 @@ def summarize(records: list[dict], **extra: Any) -> dict[str, Any]:
 def evaluate_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, path: str | Path,
                      name: str | None = None, mode: str | None = None, batch_size: int | None = None,
                      max_new_tokens: int | None = None, limit: int | None = None,
-                     latent: LatentConfig | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate one dataset file. Returns {"summary": {...}, "records": [per question]}."""
+                     latent: LatentConfig | None = None, progress: bool = True,
+                     warmup: bool = True) -> dict[str, Any]:
+    """Evaluate one dataset file. Returns {"summary": {...}, "records": [per question]}. `warmup` decodes the
+    first batch once (two tokens, untimed) before timing."""
     name = name or dataset_name(path)
     mode = mode or eval_mode(cfg)
     latent = latent or cfg.latent
@@ -266,6 +269,8 @@ def evaluate_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, pat
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i].question_ids))   # less padding per batch
     records: list[dict | None] = [None] * len(enc)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if warmup:   # untimed: first-call costs (kernel selection, allocator growth) stay out of the latency
+        decode_batch(model, [enc[i] for i in batches[0]], special, mode, latent, min(2, max_new_tokens))
     for idx in tqdm(batches, desc=f"eval {name} ({mode})", disable=not progress, unit="batch"):
         rows = [enc[i] for i in idx]
         _sync(dev)
@@ -319,7 +324,8 @@ def load_summaries(eval_dir: str | Path) -> dict[str, dict]:
         data = json.loads(p.read_text())
         if isinstance(data, dict) and "summary" in data:
             out[data["summary"]["dataset"]] = data["summary"]
-    return out
+    rank = {n: i for i, n in enumerate(DATASET_ORDER)}
+    return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
 
 
 def fmt_bytes(n: float) -> str:
@@ -348,7 +354,8 @@ def summary_markdown(summaries: dict[str, dict], title: str = "") -> str:
 
 def budget_sweep(model, tokenizer, special: SpecialIds, cfg: KavaConfig, datasets: list[tuple[str, Path]],
                  budgets: Sequence[int], out_dir: str | Path, batch_size: int | None = None,
-                 limit: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
+                 limit: int | None = None, max_new_tokens: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """Accuracy/latency for each M in `budgets` (latent.num_latents overridden at inference), per question
     group (dataset and gold-CoT-length tercile). Writes out_dir/M{m}/{dataset}.json and out_dir/../budget.json."""
     if eval_mode(cfg) != "latent":
@@ -361,7 +368,7 @@ def budget_sweep(model, tokenizer, special: SpecialIds, cfg: KavaConfig, dataset
         latent = dataclasses.replace(cfg.latent, num_latents=int(m))
         for name, path in datasets:
             res = evaluate_dataset(model, tokenizer, special, cfg, path, name=name, batch_size=batch_size,
-                                   limit=limit, max_new_tokens=max_new_tokens, latent=latent)
+                                   limit=limit, max_new_tokens=max_new_tokens, latent=latent, progress=progress)
             write_result(res, out_dir / f"M{m}")
             groups.update(dict.fromkeys([name] + [g for g in cot_groups(res["records"], name) if g != name]))
             for r in res["records"]:
@@ -370,7 +377,8 @@ def budget_sweep(model, tokenizer, special: SpecialIds, cfg: KavaConfig, dataset
     table = [{"group": g, "M": m, **{k: v for k, v in summarize(recs).items()
                                      if k in ("n", "accuracy", "ci95", "forward_passes", "latency_s")}}
              for (g, m), recs in cells.items()]
-    result = {"budgets": [int(m) for m in budgets], "groups": list(groups), "trained_num_latents": cfg.latent.num_latents,
+    result = {"budgets": [int(m) for m in budgets], "groups": list(groups),
+              "trained_num_latents": cfg.latent.num_latents,
               "cells": table}
     (out_dir.parent / "budget.json").write_text(json.dumps(result, indent=1))
     return result
@@ -390,6 +398,9 @@ def evaluate_run(run_dir: str | Path, datasets: Sequence[str] | None = None, dat
     if not specs:
         raise ValueError("no datasets: pass --datasets gsm8k,gsm_hard,svamp (or set eval.datasets in the config).")
     resolved = [resolve_dataset(s, data_dir) for s in specs]
+    if budgets and eval_mode(cfg) != "latent":
+        raise ValueError(f"--budgets sweeps the latent count M of a student/online run; {run_dir} has train.stage="
+                         f"{cfg.train.stage}. Drop --budgets for it.")
     out = {}
     for name, path in resolved:
         res = evaluate_dataset(model, tokenizer, special, cfg, path, name=name, batch_size=batch_size,
@@ -400,5 +411,5 @@ def evaluate_run(run_dir: str | Path, datasets: Sequence[str] | None = None, dat
     (rd.eval / "summary.md").write_text(summary_markdown(load_summaries(rd.eval), title=f"Evaluation of {rd.root}"))
     if budgets:
         budget_sweep(model, tokenizer, special, cfg, resolved, budgets, rd.eval / "budget",
-                     batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens)
+                     batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, progress=progress)
     return out

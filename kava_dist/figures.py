@@ -29,6 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -154,6 +155,7 @@ def plot_kv_similarity(sim: dict[str, Any], out_layers_png: str | Path, out_slot
     ax.plot(range(L), sim["k_per_layer"], "o-", label="K")
     ax.plot(range(L), sim["v_per_layer"], "s-", label="V")
     ax.axhline(0, color="gray", lw=0.6)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("cosine similarity")
     ax.set_title(f"Student latent K/V vs teacher compressed K/V ({sim['examples']} examples, valid slots)")
@@ -163,11 +165,16 @@ def plot_kv_similarity(sim: dict[str, Any], out_layers_png: str | Path, out_slot
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, kind in zip(axes, ("k", "v")):
         im = ax.imshow(sim[f"{kind}_slots"], cmap="viridis", vmin=-1, vmax=1)
+        M = len(sim[f"{kind}_slots"])
+        ticks = list(range(0, M, max(1, M // 8)))
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
         ax.set_xlabel("teacher compressed slot")
         ax.set_ylabel("student latent")
         ax.set_title(f"{kind.upper()}, layer {sim['layer']}")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle("Slot x slot cosine similarity (mean over examples and KV heads)")
+    fig.tight_layout()
     return [p1, _save(fig, out_slots_png)]
 
 
@@ -212,7 +219,8 @@ def write_latent_decoding(texts: Sequence[dict], topk: Sequence, out_md: str | P
     table = ax.table(cellText=cell, colLabels=["latent", "top-1", "top-2", "top-3"], loc="center", cellLoc="left")
     table.auto_set_font_size(False)
     table.set_fontsize(8)
-    title = "Q: " + textwrap.shorten(texts[0]["question"], 140) + "\nTeacher CoT: " + textwrap.shorten(texts[0]["cot"], 140)
+    title = ("Q: " + textwrap.shorten(texts[0]["question"], 140)
+             + "\nTeacher CoT: " + textwrap.shorten(texts[0]["cot"], 140))
     ax.set_title("\n".join(textwrap.wrap(title, 110, replace_whitespace=False)), fontsize=8, loc="left")
     return [out_md, _save(fig, out_png)]
 
@@ -250,13 +258,17 @@ def plot_budget_heatmap(budget_json: str | Path, out_png: str | Path) -> Path:
     for ax, key, title, scale, fmt in ((axes[0, 0], "accuracy", "accuracy (%)", 100.0, "{:.1f}"),
                                        (axes[0, 1], "latency_s", "latency (ms / question)", 1000.0, "{:.1f}")):
         grid = [[cell[(g, m)][key] * scale if (g, m) in cell else float("nan") for m in ms] for g in groups]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis" if key == "accuracy" else "magma_r")
+        lim = dict(vmin=0.0, vmax=100.0) if key == "accuracy" else {}
+        im = ax.imshow(grid, aspect="auto", cmap="viridis" if key == "accuracy" else "magma_r", **lim)
         ax.set_xticks(range(len(ms)), [f"M={m}" for m in ms])
         ax.set_yticks(range(len(groups)), [f"{g} (n={cell.get((g, ms[0]), {}).get('n', '?')})" for g in groups])
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if not math.isnan(v):
-                    ax.text(j, i, fmt.format(v), ha="center", va="center", color="white", fontsize=8)
+                    dark = im.cmap(im.norm(v))[:3]
+                    light = 0.299 * dark[0] + 0.587 * dark[1] + 0.114 * dark[2] > 0.5
+                    ax.text(j, i, fmt.format(v), ha="center", va="center", color="black" if light else "white",
+                            fontsize=8)
         ax.set_title(title)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"Latent budget at inference (trained with M={data.get('trained_num_latents', '?')})")

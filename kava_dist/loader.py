@@ -4,14 +4,17 @@ Usage:
     from kava_dist.loader import GlobalBatchPlan, TokenLoader, StoreLoader
     plan = GlobalBatchPlan(n_items=len(encoded), global_batch=128, micro_batch=8, world_size=2, seed=0)
     loader = TokenLoader(encoded, plan, rank=0, pad_id=special.pad)                # teacher / online / nocot
-    loader = StoreLoader(reader, encoded_by_id, plan, rank=0, pad_id=special.pad)  # student: + store targets
+    items, rows, info = align_store(reader, encoded)                              # student: data order -> rows
+    plan = GlobalBatchPlan(len(items), 128, 8, 2, seed=0)
+    loader = StoreLoader(reader, items, rows, plan, rank=0, pad_id=special.pad)    # + store targets
     for step, micro, batch, targets in loader.iterate(start_step=0, num_steps=1000): ...
 
 The order depends only on (seed, epoch) and the global batch, never on the GPU count: global step s of epoch e
 takes items perm_e[s*G:(s+1)*G], and that slice is cut into micro-batches of `micro_batch`, micro-batch j going
 to rank j // accum (accum = G / (micro * world)). So 1 process x accumulation 2 sees the same examples per
 optimizer step as 2 processes x accumulation 1, and resuming at step s needs nothing but s. The partial last
-global batch of an epoch is dropped.
+global batch of an epoch is dropped. For the student stage the plan indexes the training examples that the
+store holds, in data order (`align_store`), so it sees the same batches as `online` on the same data.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -39,6 +43,9 @@ class GlobalBatchPlan:
     seed: int = 0
 
     def __post_init__(self):
+        if min(self.global_batch, self.micro_batch, self.world_size) < 1:
+            raise ValueError(f"global_batch={self.global_batch}, micro_batch={self.micro_batch} and world_size="
+                             f"{self.world_size} must all be >= 1.")
         per_rank = self.micro_batch * self.world_size
         if self.global_batch % per_rank:
             raise ValueError(
@@ -57,14 +64,29 @@ class GlobalBatchPlan:
         return self.n_items // self.global_batch
 
     def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+        """Item order of `epoch`: a permutation seeded by (seed, epoch), so every epoch reshuffles."""
+        return _permutation(self.seed, epoch, self.n_items)
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Item indices of global optimizer step `step` (all ranks, all micro-batches), in micro-batch order."""
+        if step < 0:
+            raise ValueError(f"step {step} must be >= 0.")
+        epoch, s = divmod(step, self.steps_per_epoch)
+        return self.permutation(epoch)[s * self.global_batch:(s + 1) * self.global_batch]
 
     def micro_indices(self, step: int, rank: int) -> list[np.ndarray]:
         """Item indices of this rank's `accum` micro-batches for global optimizer step `step`."""
-        epoch, s = divmod(step, self.steps_per_epoch)
-        g = self.permutation(epoch)[s * self.global_batch:(s + 1) * self.global_batch]
-        micros = g.reshape(-1, self.micro_batch)                  # [world * accum, micro]
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in [0, {self.world_size}).")
+        micros = self.global_indices(step).reshape(-1, self.micro_batch)     # [world * accum, micro]
         return list(micros[rank * self.accum:(rank + 1) * self.accum])
+
+
+@lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.setflags(write=False)
+    return perm
 
 
 class _Prefetcher:
@@ -125,26 +147,78 @@ class TokenLoader:
             pf.close()
 
 
-class StoreLoader(TokenLoader):
-    """Micro-batches whose teacher targets come from the store (one batched, chunk-aligned read each)."""
+def store_example_ids(reader) -> np.ndarray:
+    """`example_id` of every visible store row, in row order (one small read of that field only)."""
+    read_field = getattr(reader, "read_field", None)
+    if read_field is not None:
+        return np.asarray(read_field("example_id"), dtype=np.int64)
+    # cache_store has no public one-field read yet: read the example_id column directly (never the K/V).
+    from cache_store.zarr_io import read_rows
 
-    def __init__(self, reader, encoded_by_id: dict[int, Encoded], plan: GlobalBatchPlan, rank: int, pad_id: int,
-                 prefetch: int = 4, dtype: torch.dtype | None = None):
-        super().__init__([], plan, rank, pad_id, prefetch)
-        self.reader, self.by_id, self.dtype = reader, encoded_by_id, dtype
+    n = len(reader)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    sid, local = reader.locate(np.arange(n))
+    arrays = reader._get_arrays()
+    fast = getattr(reader, "_fast", None)
+    if fast is not None:
+        col = fast.read(["example_id"], sid, local)["example_id"]
+    else:
+        flat = sid * reader.shard_size + local
+        order = np.argsort(flat)
+        col = np.empty(n, np.int64)
+        col[order] = read_rows(arrays, ["example_id"], flat[order])["example_id"]
+    return np.asarray(col, dtype=np.int64).reshape(-1)
+
+
+def align_store(reader, encoded: Sequence[Encoded]) -> tuple[list[Encoded], np.ndarray, dict]:
+    """The training examples that have a row in the store, in data order, and their row numbers.
+
+    The plan then indexes the data, not the store, so `student` sees the same examples per step as `online`
+    whatever the store's shard layout. Examples without a row (quarantined by the build, or in shards not
+    yet published) are left out and counted; store rows whose example the data lacks are an error."""
+    ids = store_example_ids(reader)
+    row_of = {int(e): r for r, e in enumerate(ids.tolist())}
+    if len(row_of) != len(ids):
+        raise ValueError(f"store {reader.url} holds duplicate example ids; rebuild it.")
+    have = {e.id for e in encoded}
+    extra = [e for e in row_of if e not in have]
+    if extra:
+        raise KeyError(f"store {reader.url} has rows for example ids {sorted(extra)[:5]} (of {len(extra)}) that the "
+                       "training data does not have: data.train_path or data.* differ from the build.")
+    items = [e for e in encoded if e.id in row_of]
+    rows = np.array([row_of[e.id] for e in items], dtype=np.int64)
+    info = {"store_rows": len(ids), "data_examples": len(encoded), "aligned": len(items),
+            "missing_from_store": len(encoded) - len(items)}
+    return items, rows, info
+
+
+class StoreLoader(TokenLoader):
+    """Micro-batches whose teacher targets come from the store (one batched, chunk-aligned read each).
+
+    `items` and `rows` come from `align_store`: the plan indexes `items`, row `rows[i]` holds item i's targets."""
+
+    def __init__(self, reader, items: Sequence[Encoded], rows: np.ndarray, plan: GlobalBatchPlan, rank: int,
+                 pad_id: int, prefetch: int = 4, dtype: torch.dtype | None = None):
+        super().__init__(items, plan, rank, pad_id, prefetch)
+        if len(rows) != len(self.encoded):
+            raise ValueError(f"{len(rows)} store rows for {len(self.encoded)} items; build both with align_store().")
+        self.reader, self.rows, self.dtype = reader, np.asarray(rows, dtype=np.int64), dtype
 
     def _make(self, key):
         step, micro, idx = key
-        order = np.argsort(idx)                      # read in store order, hand back in plan order
-        arrays = self.reader.get_batch([int(i) for i in idx[order]])
+        items = [self.encoded[i] for i in idx]
+        rows = self.rows[idx]
+        order = np.argsort(rows, kind="stable")             # read in store order, hand back in plan order
+        arrays = self.reader.get_batch(rows[order].tolist())
         inv = torch.from_numpy(np.argsort(order))
         arrays = {k: v[inv] for k, v in arrays.items()}
-        ids = arrays["example_id"].tolist()
-        missing = [i for i in ids if i not in self.by_id]
-        if missing:
-            raise KeyError(f"store rows reference example ids {missing[:5]} that the training data does not have: "
-                           "data.train_path or data.* differ from the build (the fingerprint should have caught this).")
-        batch = collate([self.by_id[i] for i in ids], self.pad_id)
+        got = arrays["example_id"].tolist()
+        want = [e.id for e in items]
+        if got != want:
+            raise KeyError(f"store {self.reader.url} rows {rows.tolist()} hold example ids {got}, expected {want}: "
+                           "the store changed under the run. Restart the run (it re-reads the row map).")
+        batch = collate(items, self.pad_id)
         t = Targets(arrays["k"], arrays["v"], arrays["valid"].bool(), arrays["codi_h"])
         if self.dtype is not None:
             t = t.to(dtype=self.dtype)

@@ -60,8 +60,12 @@ def export_adapter(model, tokenizer, out_dir: str | Path, meta: dict | None = No
     """Save the peft adapter (ZeRO-3: pass the gathered `state_dict`, see kava_dist.engine) + tokenizer."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-    model.save_pretrained(str(out_dir), save_embedding_layers=False, **kwargs)
+    if not hasattr(model, "peft_config"):  # full fine-tune: a whole checkpoint (kava_prj included in its weights)
+        state = state_dict if state_dict is not None else model.state_dict()
+        model.save_pretrained(str(out_dir), state_dict={k: v for k, v in state.items()})
+    else:
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(str(out_dir), save_embedding_layers=False, **kwargs)
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / "kava.json").write_text(json.dumps({**(meta or {}), "versions": versions()}, indent=2))
     return out_dir
@@ -77,7 +81,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", adapter: s
     model, tokenizer, special = load_backbone(cfg.model, latent=cfg.latent, device=device)
     adapter = Path(adapter) if adapter else rd.adapter
     if adapter.exists():
-        model = load_adapter(model, adapter, trainable=False).merge_and_unload()
+        model = load_adapter(model, adapter, trainable=False)
+        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     elif cfg.train.stage != "nocot" or adapter != rd.adapter:
         raise FileNotFoundError(f"{adapter} not found: train the run first (its adapter is exported at the end).")
     model.eval().requires_grad_(False)

@@ -10,11 +10,18 @@ Usage:
 Each shard's examples are sorted by teacher length and cut into `build.batch_size` batches, so padding stays
 small; the shard's rows are stored in that order (`example_id` maps rows back to the data). A batch that fails
 is retried example by example and the examples that still fail are quarantined (reported, not written).
+
+`plan_actors(resources, cfg.build)` sizes the actor pool: one actor per `build.gpus_per_actor` GPUs of the
+cluster, or `build.num_actors` CPU actors (default 1) when it has none.
+
+Fault injection (tests): KAVA_BUILD_FAULT containing "nan_example:ID" makes the teacher's K of example ID
+non-finite, so that example is quarantined (see cache_store/builder.py for the other faults).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import traceback
 
 import numpy as np
@@ -62,6 +69,34 @@ def store_spec(cfg: KavaConfig, dims: tuple[int, int, int, int] | None = None):
     return spec.resolved()
 
 
+def plan_actors(resources: dict, build) -> tuple[int, float]:
+    """(number of actors, GPUs per actor) for a Ray cluster's `resources` and a BuildConfig.
+
+    GPUs in the cluster: `build.num_actors` or one actor per `build.gpus_per_actor` GPUs, each reserving
+    that many. No GPUs (or gpus_per_actor=0): `build.num_actors` CPU actors (0 -> 1)."""
+    gpus = float(resources.get("GPU", 0))
+    per = float(build.gpus_per_actor) if gpus else 0.0
+    if per > 0:
+        fit = int(gpus // per)
+        if fit < 1:
+            raise ValueError(f"build.gpus_per_actor={per} but the cluster has {gpus:g} GPU(s); lower it.")
+        n = build.num_actors or fit
+        if n > fit:
+            log.warning("build.num_actors=%d > %d actors that fit on %g GPUs; the extra ones wait for a GPU",
+                        n, fit, gpus)
+        return n, per
+    return max(1, build.num_actors), 0.0
+
+
+def _nan_fault_ids() -> set[int]:
+    ids = set()
+    for part in os.environ.get("KAVA_BUILD_FAULT", "").split(","):
+        name, _, arg = part.strip().partition(":")
+        if name == "nan_example" and arg:
+            ids.add(int(arg))
+    return ids
+
+
 def plan_shards(encoded: list[Encoded], shard_size: int) -> dict[int, list[Encoded]]:
     """Contiguous chunks of the data (deterministic), each sorted by teacher length (stable)."""
     n = math.ceil(len(encoded) / shard_size)
@@ -77,6 +112,12 @@ class TeacherTargets:
         self.cfg = config_from_dict(cfg_dict)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher, self.tokenizer, self.special = load_teacher(self.cfg.model, device=self.device)
+        self._nan_ids = _nan_fault_ids()
+
+    def batches(self, items: list[Encoded]) -> list[list[Encoded]]:
+        """The forward batches `process` runs for a shard's items (in order)."""
+        bs = self.cfg.build.batch_size
+        return [items[i:i + bs] for i in range(0, len(items), bs)]
 
     @torch.no_grad()
     def _batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
@@ -87,6 +128,10 @@ class TeacherTargets:
         tout = teacher_forward(self.teacher, batch, rope=self.cfg.eviction.rope, with_hidden=True)
         t = compute_targets(tout, self.cfg.eviction, self.cfg.latent.num_latents)
         out = {k: v.cpu() for k, v in t.as_arrays().items()}
+        bad = [i for i, e in enumerate(items) if e.id in self._nan_ids]
+        if bad:                                                          # fault injection (tests)
+            out["k"] = out["k"].clone()
+            out["k"][bad] = float("nan")
         kv_dtype = STORE_TORCH_DTYPE.get(self.cfg.store.dtype, torch.bfloat16)   # int8/int4 quantise from bf16
         out["k"], out["v"] = out["k"].to(kv_dtype), out["v"].to(kv_dtype)
         out["codi_h"] = out["codi_h"].to(torch.float32 if self.cfg.store.dtype == "fp32" else torch.bfloat16)
@@ -97,15 +142,13 @@ class TeacherTargets:
         return out
 
     def process(self, items: list[Encoded]) -> tuple[dict[str, torch.Tensor], dict]:
-        bs = self.cfg.build.batch_size
         parts, quarantined, tokens = [], [], 0
-        for i in range(0, len(items), bs):
-            chunk = items[i:i + bs]
+        for chunk in self.batches(items):
             try:
                 parts.append(self._batch(chunk))
                 tokens += sum(e.teacher_len for e in chunk)
-            except (RuntimeError, FloatingPointError, ValueError) as err:
-                if "out of memory" in str(err).lower() and len(chunk) > 1:
+            except Exception as err:  # noqa: BLE001 - OOM, non-finite K/V, a malformed example: go one by one
+                if "out of memory" in str(err).lower() and torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 log.warning("batch of %d failed (%s); retrying one by one", len(chunk), err)
                 for e in chunk:

@@ -11,26 +11,36 @@ Stages:
              (the store's fingerprint must equal cache_fingerprint(cfg); CODI-/PCCoT-style = alpha_kv/alpha_codi 0)
     online   the paper's joint step: teacher pass with grad every step, targets evicted on the fly
     nocot    CE on the answer right after the question
+
+Rank 0 logs each loss term (mean over the micro-batches of the steps since the last log, averaged over ranks),
+lr (the one the step used), grad norm (before clipping), samples/s, tokens/s (real teacher-sequence tokens) to
+out_dir/metrics.jsonl and TensorBoard (out_dir/tb), with a progress bar (steps/s, ETA). Checkpoints every
+`train.save_every` steps and at the end; `train.stop_at_step` ends early with a checkpoint (resume later).
+Testing hook: env KAVA_FAULT_KILL_AT_STEP=N makes every rank SIGKILL itself after step N is logged/saved.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
+import random
+import signal
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 
 from kava_dist import engine as E
 from kava_dist.backbone import add_lora, load_adapter, load_backbone
 from kava_dist.config import KavaConfig, save_config
-from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader
-from kava_dist.prompts import encode_examples, load_examples
+from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store
+from kava_dist.prompts import collate, encode_examples, load_examples
 from kava_dist.run import RunDir
-from kava_dist.step import nocot_step, offline_step, online_step, teacher_step
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +69,28 @@ def open_store_checked(cfg: KavaConfig):
     return reader
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 class Trainer:
     def __init__(self, cfg: KavaConfig, dist: E.Dist):
         self.cfg, self.dist = cfg, dist
         tc = cfg.train
+        if tc.stop_at_step < 0 or tc.keep_checkpoints < 0 or tc.save_every < 0 or tc.log_every < 1:
+            raise ValueError("train.stop_at_step, train.keep_checkpoints and train.save_every must be >= 0 and "
+                             "train.log_every >= 1.")
         self.rd = RunDir(tc.out_dir)
+        ckpt_latest = self.rd.checkpoints / "latest"
+        if not tc.resume and ckpt_latest.exists():
+            raise FileExistsError(f"{self.rd.root} already holds a run (checkpoint {ckpt_latest.read_text().strip()}). "
+                                  "Pass --resume to continue it, or choose a new train.out_dir.")
         if dist.is_main:
             self.rd.root.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.rd.config)
-        torch.manual_seed(tc.seed)
+        seed_everything(tc.seed)
         self.bf16 = E.use_bf16(tc, dist.device)
         mcfg = replace(cfg.model, dtype="bfloat16" if self.bf16 else "float32")
         model, self.tokenizer, self.special = load_backbone(mcfg, latent=cfg.latent, device=dist.device)
@@ -79,98 +102,188 @@ class Trainer:
         if dist.is_main:
             log.info("data: %s", report.summary())
             (self.rd.root / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        self.reader = None
         if tc.stage == "student":
             self.reader = open_store_checked(cfg)
-            n_items = len(self.reader)
+            items, rows, info = align_store(self.reader, encoded)
+            if dist.is_main:
+                log.info("store %s (fingerprint %s): %s", cfg.store.path, self.reader.fingerprint, info)
+            self.plan = GlobalBatchPlan(len(items), tc.global_batch, tc.micro_batch, dist.world_size, tc.seed)
+            self.loader = StoreLoader(self.reader, items, rows, self.plan, dist.rank, self.special.pad)
         else:
-            self.reader, n_items = None, len(encoded)
-        self.plan = GlobalBatchPlan(n_items, tc.global_batch, tc.micro_batch, dist.world_size, tc.seed)
-        if self.reader is not None:
-            self.loader = StoreLoader(self.reader, {e.id: e for e in encoded}, self.plan, dist.rank, self.special.pad)
-        else:
+            self.plan = GlobalBatchPlan(len(encoded), tc.global_batch, tc.micro_batch, dist.world_size, tc.seed)
             self.loader = TokenLoader(encoded, self.plan, dist.rank, self.special.pad)
+        accum = E.accumulation(tc, dist.world_size)
+        assert accum == self.plan.accum and tc.micro_batch * accum * dist.world_size == tc.global_batch
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * self.plan.steps_per_epoch))
-        self.engine = E.build_engine(model, tc, self.total_steps, dist)
+        self.module = E.StageModule(model, tc.stage, self.special, cfg)
+        self.engine = E.build_engine(self.module, tc, self.total_steps, dist)
         self.start_step = 0
         if tc.resume:
             self.start_step, _ = E.load_checkpoint(self.engine, self.rd.root, cfg)
-            log.info("resumed at step %d", self.start_step)
+            log.info("resumed %s at step %d of %d", self.rd.root, self.start_step, self.total_steps)
+        self.valid = self._valid_batches() if tc.eval_every else []
         self.tb = None
         if dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.rd.tb))
-            log.info("stage=%s global_batch=%d = micro %d x accum %d x world %d; %d steps (%.2f epochs of %d items)",
-                     tc.stage, tc.global_batch, tc.micro_batch, self.plan.accum, dist.world_size, self.total_steps,
-                     self.total_steps / max(1, self.plan.steps_per_epoch), n_items)
+            self.tb = SummaryWriter(str(self.rd.tb), purge_step=self.start_step + 1 if self.start_step else None)
+            log.info("stage=%s global batch %d = micro %d x accumulation %d x world %d; %d steps (%.2f epochs of %d "
+                     "examples), ZeRO-%d, %s", tc.stage, tc.global_batch, tc.micro_batch, accum, dist.world_size,
+                     self.total_steps, self.total_steps / max(1, self.plan.steps_per_epoch), self.plan.n_items,
+                     tc.zero_stage, "bf16" if self.bf16 else "fp32")
 
-    def _terms(self, batch, targets) -> dict:
-        stage, m, sp = self.cfg.train.stage, self.engine, self.special
-        if stage == "teacher":
-            return teacher_step(m, batch)
-        if stage == "nocot":
-            return nocot_step(m, batch)
-        if stage == "online":
-            return online_step(m, batch, sp, self.cfg)
-        return offline_step(m, batch, sp, targets, self.cfg)
+    # ----------------------------------------------------------------------------- steps
 
-    def _log(self, step: int, sums: dict, n_micro: int, samples: int, tokens: int, dt: float) -> dict:
+    def _valid_batches(self) -> list:
+        """This rank's share of the validation micro-batches (data.valid_path, at most eval.limit or 256 rows)."""
+        d = self.cfg.data
+        if not d.valid_path:
+            log.warning("train.eval_every=%d but data.valid_path is empty: no validation loss is logged.",
+                        self.cfg.train.eval_every)
+            return []
+        examples, _ = load_examples(d.valid_path, d.cot_style, d.numeric_answer, self.cfg.eval.limit or 256)
+        enc, _ = encode_examples(examples, self.tokenizer, d.answer_prompt, d.drop_last_step, d.max_tokens)
+        mb = self.cfg.train.micro_batch
+        chunks = [enc[i:i + mb] for i in range(0, len(enc), mb)]
+        return [collate(c, self.special.pad) for c in chunks[self.dist.rank::self.dist.world_size]]
+
+    @torch.no_grad()
+    def _validate(self, step: int) -> dict:
+        """Mean loss terms on the validation set (student stage: the answer CE, no targets for it)."""
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        for batch in self.valid:
+            batch = batch.to(self.dist.device)
+            terms = self.engine(batch, None)     # student: the answer CE only (no targets for validation)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
+            sums["_n"] = sums.get("_n", 0.0) + len(batch)
+        self.engine.train()
+        keys = sorted(k for k in sums if k != "_n")
+        if tdist.is_initialized() and self.dist.world_size > 1:
+            # every rank needs the same key list: the first rank's terms decide (all run the same stage)
+            obj = [keys]
+            tdist.broadcast_object_list(obj, src=0)
+            keys = obj[0]
+        vals = torch.tensor([sums.get(k, 0.0) for k in keys] + [sums.get("_n", 0.0)], dtype=torch.float64,
+                            device=self.dist.device)
+        if tdist.is_initialized() and self.dist.world_size > 1:
+            tdist.all_reduce(vals)
+        n = max(1.0, float(vals[-1]))
+        rec = {f"valid/{k}": float(v) / n for k, v in zip(keys, vals[:-1])}
+        if self.dist.is_main and rec:
+            log.info("step %d validation: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in rec.items()))
+        return rec
+
+    # ----------------------------------------------------------------------------- logging
+
+    def _prepare_metrics(self) -> None:
+        """Fresh run: start metrics.jsonl anew. Resumed run: drop lines past the checkpoint's step."""
+        if not self.dist.is_main or not self.rd.metrics.exists():
+            return
+        if not self.start_step:
+            self.rd.metrics.unlink()
+            return
+        keep = [ln for ln in self.rd.metrics.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= self.start_step]
+        self.rd.metrics.write_text("".join(ln + "\n" for ln in keep))
+
+    def _log(self, step: int, sums: dict, n_micro: int, n_steps: int, tokens: int, dt: float, lr: float,
+             gn: float) -> dict:
         keys = sorted(sums)
-        vals = torch.tensor([sums[k] / n_micro for k in keys] + [float(tokens)], dtype=torch.float64)
+        dev = self.dist.device
+        vals = torch.stack([sums[k].to(dev, torch.float64) / n_micro for k in keys]
+                           + [torch.tensor(float(tokens), dtype=torch.float64, device=dev)])
         if tdist.is_initialized() and self.dist.world_size > 1:
             tdist.all_reduce(vals)
             vals[:-1] /= self.dist.world_size
-        rec = {"step": step, "epoch": step / max(1, self.plan.steps_per_epoch), "lr": self.engine.get_lr()[0]}
-        gn = self.engine.get_global_grad_norm()
-        rec["grad_norm"] = float(gn) if gn is not None else float("nan")
+        vals = vals.tolist()
+        rec = {"step": step, "epoch": step / max(1, self.plan.steps_per_epoch), "lr": lr, "grad_norm": gn}
         rec.update({k: float(v) for k, v in zip(keys, vals[:-1])})
-        rec.update(samples_per_s=samples / dt, tokens_per_s=float(vals[-1]) / dt, time=time.time())
+        rec.update(samples_per_s=n_steps * self.cfg.train.global_batch / dt, tokens_per_s=vals[-1] / dt,
+                   steps_per_s=n_steps / dt, time=time.time())
         if self.dist.is_main:
             with open(self.rd.metrics, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             for k, v in rec.items():
-                if k not in ("step", "time"):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+                if k not in ("step", "time") and isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
         return rec
+
+    # ----------------------------------------------------------------------------- loop
 
     def run(self) -> list[dict]:
         from tqdm.auto import tqdm
 
         tc = self.cfg.train
         accum = self.plan.accum
-        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not self.dist.is_main,
+        end = min(self.total_steps, tc.stop_at_step) if tc.stop_at_step else self.total_steps
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not self.dist.is_main or not tty,
                    desc=f"train[{tc.stage}]", unit="step", dynamic_ncols=True)
-        history, sums, tokens, t0 = [], {}, 0, time.time()
-        if self.dist.is_main and self.start_step == 0 and self.rd.metrics.exists():
-            self.rd.metrics.unlink()
+        fault = int(os.environ.get("KAVA_FAULT_KILL_AT_STEP", "0") or 0)
+        self._prepare_metrics()
+        history: list[dict] = []
+        sums: dict[str, torch.Tensor] = {}
+        tokens, n_steps, t0 = 0, 0, time.perf_counter()
+        lr, gn, saved = float("nan"), float("nan"), self.start_step
         self.engine.train()
-        for step, micro, batch, targets in self.loader.iterate(self.start_step, self.total_steps):
-            batch = batch.to(self.dist.device)
-            terms = self._terms(batch, targets)
-            self.engine.backward(terms["loss"])
-            self.engine.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        for step, micro, batch, targets in self.loader.iterate(self.start_step, end):
             tokens += batch.num_tokens
+            batch = batch.to(self.dist.device)
+            terms = self.engine(batch, targets)
+            self.engine.backward(terms["loss"])
+            for k, v in terms.items():
+                v = v.detach().float()
+                sums[k] = sums[k] + v if k in sums else v
+            if micro == accum - 1:
+                lr = float(self.engine.get_lr()[0])              # the lr this step applies
+                gn = E.grad_norm(self.engine, tc.zero_stage)
+            self.engine.step()
             if micro < accum - 1:
                 continue
-            done = step + 1
-            if done % tc.log_every == 0 or done == self.total_steps:
-                rec = self._log(done, sums, accum, tc.global_batch, tokens, time.time() - t0)
+            if math.isnan(gn):
+                g = self.engine.get_global_grad_norm()
+                gn = float(g) if g is not None else float("nan")
+            done, n_steps = step + 1, n_steps + 1
+            if done % tc.log_every == 0 or done == end:
+                rec = self._log(done, sums, accum * n_steps, n_steps, tokens, time.perf_counter() - t0, lr, gn)
+                if tc.eval_every and self.valid and (done % tc.eval_every == 0 or done == self.total_steps):
+                    rec.update(self._validate(done))
                 history.append(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                                samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            sums, tokens, t0 = {}, 0, time.time()
+                post = dict(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{gn:.3g}",
+                            samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(post)
+                if self.dist.is_main and not tty:
+                    log.info("step %d/%d %s", done, self.total_steps, " ".join(f"{k}={v}" for k, v in post.items()))
+                sums, tokens, n_steps, t0 = {}, 0, 0, time.perf_counter()
             bar.update(1)
             if tc.save_every and done % tc.save_every == 0 and done < self.total_steps:
-                E.save_checkpoint(self.engine, self.rd.root, done, self.cfg, {"stage": tc.stage})
+                self._save(done)
+                saved = done
+            if fault and done == fault:
+                log.warning("KAVA_FAULT_KILL_AT_STEP=%d: killing this process", fault)
+                os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
-        E.save_checkpoint(self.engine, self.rd.root, self.total_steps, self.cfg, {"stage": tc.stage})
-        meta = {"stage": tc.stage, "step": self.total_steps, "base": self.cfg.model.name_or_path}
+        if end < self.total_steps:
+            if saved != end:
+                self._save(end)
+            if self.dist.is_main:
+                log.info("stopped at step %d of %d (train.stop_at_step); continue with --resume", end, self.total_steps)
+            return history
+        if saved != self.total_steps or not (self.rd.checkpoints / f"global_step{self.total_steps}").exists():
+            self._save(self.total_steps)
+        meta = {"stage": tc.stage, "step": self.total_steps, "base": self.cfg.model.name_or_path,
+                "global_batch": tc.global_batch, "world_size": self.dist.world_size, "zero_stage": tc.zero_stage}
         E.export_trainable(self.engine, self.tokenizer, self.rd.adapter, meta, tc.zero_stage)
         if self.dist.is_main:
             log.info("done: adapter at %s", self.rd.adapter)
         return history
+
+    def _save(self, step: int) -> None:
+        tc = self.cfg.train
+        E.save_checkpoint(self.engine, self.rd.root, step, self.cfg, {"stage": tc.stage}, keep=tc.keep_checkpoints)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -92,3 +92,14 @@ def test_write_shard_raises_shard_claimed_and_writes_nothing(tmp_path: Path) -> 
     w1.claims.release(held)
     w2.write_shard(0, {"x": np.ones((4, 4), np.float32)})
     assert w2.shards_written == [0]
+
+
+def test_release_if_owned_by(tmp_path: Path) -> None:
+    be = LocalBackend(str(tmp_path))
+    a, coordinator = ClaimManager(be), ClaimManager(be)
+    a.acquire(5)
+    assert not coordinator.release_if_owned_by(5, "someone-else")
+    assert coordinator.release_if_owned_by(5, a.owner["uuid"])
+    assert coordinator.current(5)[1]["state"] == "released"
+    assert not coordinator.release_if_owned_by(5, a.owner["uuid"])  # already released
+    coordinator.acquire(5)

@@ -105,3 +105,13 @@ def test_info_cli(store: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "shards:       5/6 done" in out and "rows:         37" in out and "fp" in out and "quant=int8" in out
     assert cli_main(["info", store + "-missing"]) == 2
+
+
+def test_read_field_reads_one_field(store: str) -> None:
+    r = StoreReader(store)
+    ids = r.read_field("example_id")
+    assert ids.tolist() == [*range(8), *range(100, 108), *range(200, 205), *range(400, 408), *range(500, 508)]
+    assert r.read_field("x", [3, 0]).shape == (2, 3, 16)
+    assert torch.equal(r.read_field("q", [9]), r.get_batch([9])["q"])
+    with pytest.raises(KeyError, match="fields are"):
+        r.read_field("nope")

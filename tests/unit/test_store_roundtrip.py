@@ -241,3 +241,44 @@ def test_nothing_outside_the_root_and_stats(tmp_path: Path) -> None:
     st = StoreReader(w.url).stats()
     assert st["shards_done"] == 1 and st["shards_total"] == 4 and st["rows"] == S
     assert st["raw_bytes"] == S * spec_exact().logical_nbytes and 0 < st["disk_over_raw"] < 2
+
+
+def test_quantised_parts_dequantised_elsewhere_match(tmp_path: Path) -> None:
+    spec = StoreSpec(fields=(
+        FieldSpec("k", (2, 3, 24, 10), "bfloat16", quant="int8", quant_reduce_axes=(2,)),
+        FieldSpec("v", (2, 3, 24, 9), "bfloat16", quant="int4", quant_reduce_axes=(3,)),
+        FieldSpec("h", (5,), "float16", quant="int4", quant_reduce_axes=(0,)),
+        FieldSpec("example_id", (), "int64"),
+    ), shard_size=S)
+    w = make(tmp_path, spec)
+    g = torch.Generator().manual_seed(1)
+    w.write_shard(0, {"k": torch.randn(S, 2, 3, 24, 10, generator=g).bfloat16(),
+                      "v": torch.randn(S, 2, 3, 24, 9, generator=g).bfloat16(),
+                      "h": torch.randn(S, 5, generator=g).half(), "example_id": np.arange(S)})
+    r = StoreReader(w.url)
+    rows = [5, 1, 1, 7]
+    raw = r.get_batch(rows, dequantize=False)
+    assert sorted(raw) == ["example_id", "h.q", "h.scale", "h.zero", "k.q", "k.scale", "v.q", "v.scale", "v.zero"]
+    assert raw["k.q"].dtype == torch.int8 and raw["v.q"].shape == (4, 2, 3, 24, 5)
+    full = r.get_batch(rows)
+    expanded = r.expand_quantized(raw)
+    assert sorted(expanded) == sorted(full)
+    for name in full:  # torch path (any device) == numpy path, bit for bit
+        assert full[name].dtype == expanded[name].dtype and torch.equal(full[name], expanded[name]), name
+    idx, b = next(r.iter_batches(4, prefetch=1, dequantize=False))
+    assert "k.q" in b and "k" not in b
+
+
+def test_spec_mismatch_names_the_field_and_empty_shard(tmp_path: Path) -> None:
+    w = make(tmp_path)
+    fields = list(spec_exact().fields)
+    fields[0] = FieldSpec("k", (2, 2, 6, 8), "bfloat16", quant="int8", quant_reduce_axes=(2,))
+    with pytest.raises(SpecMismatch, match=r"fields\.k\.quant \(store None != given 'int8'\)"):
+        make(tmp_path, spec=StoreSpec(fields=tuple(fields), shard_size=S))
+    rec = w.write_shard(2, data_exact(0, 11))  # every example of the shard was filtered out
+    assert rec.rows == 0 and rec.bytes == 0
+    r = StoreReader(w.url)
+    assert len(r) == 0 and r.published_shards() == [2] and w.missing_shards() == [0, 1, 3]
+    w.write_shard(3, data_exact(2, 12))
+    r.refresh()
+    assert r.get_batch([0, 1])["example_id"].tolist() == [12000, 12001]
