@@ -47,7 +47,8 @@ def _info(r: StoreReader, as_json: bool) -> int:
     print(f"fp fields:    {json.dumps(r.fingerprint_fields, sort_keys=True)}")
     print(f"shards:       {st['shards_done']}/{st['shards_total']} done ({st['shard_size']} examples per shard)")
     print(f"rows:         {st['rows']}")
-    ratio = f"{st['disk_over_raw']:.3f}x of raw" if st["disk_over_raw"] is not None else "n/a"
+    ratio = (f"{st['disk_over_raw']:.3f}x of raw, compression ratio {st['compression_ratio']:.2f}"
+             if st["disk_over_raw"] and st["compression_ratio"] else "n/a")
     print(f"bytes:        {_fmt_bytes(st['bytes_on_disk'])} on disk, {_fmt_bytes(st['raw_bytes'])} raw ({ratio})")
     print(f"codec:        {json.dumps(st['codec'], sort_keys=True)}")
     print("fields:")

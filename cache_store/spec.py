@@ -17,6 +17,7 @@ Usage::
         FieldSpec("example_id", (), "int64"),
         FieldSpec("cot_len", (), "int32"),
     ), codec=CodecSpec("blosc-zstd", clevel=3))
+    # int8 hardly compresses (~0.97x): FieldSpec(..., codec=CodecSpec("none")) skips decompression on read.
     spec = spec.resolved()          # fills shard_size with default_shard_size(spec)
     spec.to_dict()                  # JSON, stored in ledger/store.json
 
@@ -54,6 +55,32 @@ def stored_numpy_dtype(logical: str) -> np.dtype:
 
 
 @dataclass(frozen=True)
+class CodecSpec:
+    """Compression of every chunk. `chunk_crc32c` adds a crc32c per chunk so zarr itself rejects a
+    flipped byte on read (cheap defence in depth; the ledger checksum is the authority)."""
+
+    name: str = "blosc-zstd"
+    clevel: int = 3
+    shuffle: str = "shuffle"
+    chunk_crc32c: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in CODEC_NAMES:
+            raise ValueError(f"codec {self.name!r} unknown; use one of {CODEC_NAMES}")
+        if self.shuffle not in BLOSC_SHUFFLES:
+            raise ValueError(f"codec shuffle {self.shuffle!r} unknown; use one of {BLOSC_SHUFFLES}")
+        if self.name != "none" and not 1 <= int(self.clevel) <= 22:
+            raise ValueError(f"codec clevel {self.clevel} out of range; use 1..9 for blosc, 1..22 for zstd")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CodecSpec:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class FieldSpec:
     """One per-example tensor. `shape` excludes the row axis; () is a scalar per example."""
 
@@ -63,6 +90,7 @@ class FieldSpec:
     quant: str | None = None
     quant_reduce_axes: tuple[int, ...] = ()
     scale_dtype: str = "float16"
+    codec: CodecSpec | None = None  # None: the store's codec (e.g. CodecSpec("none") for int8 K/V)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -112,6 +140,8 @@ class FieldSpec:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
         d["quant_reduce_axes"] = list(self.quant_reduce_axes)
+        if self.codec is None:
+            d.pop("codec")  # absent = store codec (keeps older spec dicts equal)
         return d
 
     @classmethod
@@ -119,33 +149,8 @@ class FieldSpec:
         return cls(
             name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], quant=d.get("quant"),
             quant_reduce_axes=tuple(d.get("quant_reduce_axes", ())), scale_dtype=d.get("scale_dtype", "float16"),
+            codec=CodecSpec.from_dict(d["codec"]) if d.get("codec") else None,
         )
-
-
-@dataclass(frozen=True)
-class CodecSpec:
-    """Compression of every chunk. `chunk_crc32c` adds a crc32c per chunk so zarr itself rejects a
-    flipped byte on read (cheap defence in depth; the ledger checksum is the authority)."""
-
-    name: str = "blosc-zstd"
-    clevel: int = 3
-    shuffle: str = "shuffle"
-    chunk_crc32c: bool = True
-
-    def __post_init__(self) -> None:
-        if self.name not in CODEC_NAMES:
-            raise ValueError(f"codec {self.name!r} unknown; use one of {CODEC_NAMES}")
-        if self.shuffle not in BLOSC_SHUFFLES:
-            raise ValueError(f"codec shuffle {self.shuffle!r} unknown; use one of {BLOSC_SHUFFLES}")
-        if self.name != "none" and not 1 <= int(self.clevel) <= 22:
-            raise ValueError(f"codec clevel {self.clevel} out of range; use 1..9 for blosc, 1..22 for zstd")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CodecSpec:
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,7 @@ class StoredArray:
     role: str  # "data" | "q" | "scale" | "zero"
     shape: tuple[int, ...]  # per example
     dtype: np.dtype
+    codec: CodecSpec | None = None  # the field's override, if any
 
     @property
     def nbytes(self) -> int:
@@ -200,6 +206,10 @@ class StoreSpec:
 
     def stored_arrays(self) -> list[StoredArray]:
         """The zarr arrays, in field order (the order checksums are taken in)."""
+        out = self._stored_arrays()
+        return [dataclasses.replace(a, codec=self.field(a.field).codec) for a in out]
+
+    def _stored_arrays(self) -> list[StoredArray]:
         out: list[StoredArray] = []
         for f in self.fields:
             if f.quant is None:

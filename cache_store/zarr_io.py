@@ -79,7 +79,7 @@ def ensure_arrays(store: Any, spec: StoreSpec, num_shards: int, create: bool = T
             try:
                 z = zarr.create_array(
                     store, name=arr.path, shape=shape, dtype=arr.dtype, chunks=chunks, shards=shards,
-                    compressors=compressors(spec.codec), fill_value=0, overwrite=False,
+                    compressors=compressors(arr.codec or spec.codec), fill_value=0, overwrite=False,
                 )
             except (ContainsArrayError, ContainsGroupError):
                 z = None

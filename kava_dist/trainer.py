@@ -87,6 +87,7 @@ class Trainer:
         if not tc.resume and ckpt_latest.exists():
             raise FileExistsError(f"{self.rd.root} already holds a run (checkpoint {ckpt_latest.read_text().strip()}). "
                                   "Pass --resume to continue it, or choose a new train.out_dir.")
+        self.reader = open_store_checked(cfg) if tc.stage == "student" else None    # fail fast, before the model
         if dist.is_main:
             self.rd.root.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.rd.config)
@@ -102,9 +103,7 @@ class Trainer:
         if dist.is_main:
             log.info("data: %s", report.summary())
             (self.rd.root / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        self.reader = None
-        if tc.stage == "student":
-            self.reader = open_store_checked(cfg)
+        if self.reader is not None:
             items, rows, info = align_store(self.reader, encoded)
             if dist.is_main:
                 log.info("store %s (fingerprint %s): %s", cfg.store.path, self.reader.fingerprint, info)

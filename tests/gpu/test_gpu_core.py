@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build, make_batch
+from kava_testing import build, make_batch
 from kava_dist.backbone import parts
 from kava_dist.eviction import evict
 from kava_dist.student import cache_kv, student_forward

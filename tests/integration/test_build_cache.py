@@ -154,7 +154,7 @@ def cluster():
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        _end_group(proc.pid)
+        _end_group(proc.pid, grace_s=5)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -330,9 +330,9 @@ def test_driver_killed_then_resume(clean, data):
             time.sleep(0.1)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        time.sleep(3)                   # let the orphaned actor notice and die
     finally:
-        _end_group(proc.pid, grace_s=5)  # what is left of that job's local Ray (same process group)
+        _end_group(proc.pid, grace_s=1)  # what is left of that job's local Ray (same process group)
+    time.sleep(1)                       # the actor (own process group) exits once its raylet is gone
     done_at_kill = shard_ids(store)
     assert 1 <= len(done_at_kill) < 4, done_at_kill
     assert run_main(data, store) == 0    # rerun: resumes from the ledger

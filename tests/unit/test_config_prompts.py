@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from kava_testing import SHARED_DATA
 from kava_dist.config import ConfigError, describe, load_config, save_config
 from kava_dist.fingerprint import cache_fingerprint
 from kava_dist.prompts import collate, encode_examples, load_examples, split_steps

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import build, make_batch
+from kava_testing import build, make_batch
 from kava_dist.losses import codi_loss, kv_loss
 from kava_dist.step import compute_targets, kava_terms, offline_step, online_step, teacher_step
 from kava_dist.student import student_forward
@@ -128,7 +128,7 @@ def test_targets_shapes_and_short_cot_mask(tiny_paths):
 def test_tiny_model_overfits_16_examples(tmp_path):
     """KaVa online training on 16 examples: the total loss falls by 90%. The frozen tied embedding of a
     random model bounds the logits by its norm, so the checkpoint uses a pretrained-like init scale (0.5)."""
-    from conftest import QUESTIONS
+    from kava_testing import QUESTIONS
     from kava_dist.tiny import save_tiny_checkpoint
     path = save_tiny_checkpoint(tmp_path / "m", family="llama", hidden_size=64, num_layers=2, num_heads=4,
                                 num_kv_heads=2, initializer_range=0.5)

@@ -282,3 +282,24 @@ def test_spec_mismatch_names_the_field_and_empty_shard(tmp_path: Path) -> None:
     w.write_shard(3, data_exact(2, 12))
     r.refresh()
     assert r.get_batch([0, 1])["example_id"].tolist() == [12000, 12001]
+
+
+def test_per_field_codec_override(tmp_path: Path) -> None:
+    raw = CodecSpec("none", chunk_crc32c=True)
+    spec = StoreSpec(fields=(
+        FieldSpec("k", (2, 2, 24, 16), "bfloat16", quant="int8", quant_reduce_axes=(2,), codec=raw),
+        FieldSpec("h", (2, 16), "bfloat16"),
+    ), shard_size=S)
+    assert StoreSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    w = make(tmp_path, spec)
+    g = torch.Generator().manual_seed(2)
+    d = {"k": torch.randn(S, 2, 2, 24, 16, generator=g).bfloat16(), "h": torch.randn(S, 2, 16, generator=g).bfloat16()}
+    rec = w.write_shard(0, d)
+    assert rec.arrays["k.q"]["bytes"] == S * (2 * 2 * 24 * 16 + 4) + S * 16 + 4  # stored raw: data + crc, index
+    meta = json.loads((tmp_path / "store" / "k.q" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]] == ["bytes", "crc32c"]
+    a, b = StoreReader(w.url).get_batch(range(S)), StoreReader(w.url, fast_read=False).get_batch(range(S))
+    assert torch.equal(a["k"], b["k"]) and torch.equal(a["h"].view(torch.int16), d["h"].view(torch.int16))
+    with pytest.raises(SpecMismatch, match=r"fields\.k\.codec"):
+        make(tmp_path, spec=StoreSpec(fields=(FieldSpec("k", (2, 2, 24, 16), "bfloat16", quant="int8",
+                                                        quant_reduce_axes=(2,)), spec.fields[1]), shard_size=S))

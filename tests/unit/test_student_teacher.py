@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import build, make_batch
+from kava_testing import build, make_batch
 from kava_dist.backbone import parts
 from kava_dist.prompts import collate
 from kava_dist.student import cache_kv, generate_answers, make_cache, student_forward

@@ -1,0 +1,217 @@
+"""`kava demo`: the whole pipeline on CPU in minutes, with real components and nothing from outside the repo.
+
+Usage:
+    kava demo                              # = python -m jobs.demo: synthetic task, tiny Llama from scratch
+    kava demo --quick                      # every stage, a few steps each (CI)
+    kava demo --model PATH --data TRAIN.jsonl --test TEST.jsonl          # any local HF checkpoint (LoRA)
+    kava demo --model DIR --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data ... --test ...
+
+Stages (each prints the command that runs it on a cluster):
+  1. data     a synthetic multi-step arithmetic task (kava_dist.synthetic; or --data/--test files)
+  2. base     a small Llama built from a config (or --model / --gguf)
+  3. teacher  CoT training (`train.stage=teacher`): from scratch = full fine-tuning; a pretrained model = LoRA
+  4. cache    teacher forward + R-KV eviction into a Zarr store through a local Ray cluster (jobs.build_cache)
+  5. student  KaVa from the cached targets with DeepSpeed (`train.stage=student`)
+  6. nocot    the No-CoT baseline, same steps and batch as the student
+  7. eval     Full-CoT teacher, KaVa student and No-CoT on the held-out questions (jobs.evaluate)
+  8. report   report.md + figures per run (jobs.report)
+Ends with one table: accuracies, forward passes per question, store size and compression, and stage times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("kava.demo")
+
+FULL = dict(n_train=12000, n_test=300, teacher_steps=600, student_steps=300, batch=64, latents=8)
+QUICK = dict(n_train=800, n_test=40, teacher_steps=30, student_steps=6, batch=32, latents=6)
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(prog="kava demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/demo", help="run directory of the whole demo")
+    ap.add_argument("--quick", action="store_true", help="a few steps per stage (checks the plumbing, not accuracy)")
+    ap.add_argument("--model", default="", help="local HF checkpoint dir to start from (LoRA instead of from scratch)")
+    ap.add_argument("--gguf", default="", help="GGUF file inside --model (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
+    ap.add_argument("--data", default="", help="training file (question, cot, answer); default: synthetic")
+    ap.add_argument("--test", default="", help="test file; default: synthetic, disjoint from training")
+    ap.add_argument("--teacher-steps", type=int, default=0)
+    ap.add_argument("--student-steps", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="extra section.key=value for every stage")
+    return ap.parse_args(argv)
+
+
+class Stages:
+    """Times each stage and remembers the equivalent command line."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, command: str, fn):
+        log.info("== %s ==  (on a cluster: %s)", name, command)
+        t0 = time.time()
+        out = fn()
+        self.times[name] = time.time() - t0
+        log.info("== %s done in %.1f s", name, self.times[name])
+        return out
+
+
+def _train(cfg_dict: dict, overrides: list[str]):
+    from kava_dist.config import config_from_dict
+    from kava_dist.engine import init_distributed
+    from kava_dist.trainer import Trainer
+
+    cfg = config_from_dict(cfg_dict, overrides)
+    trainer = Trainer(cfg, init_distributed())
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for k, v in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                     RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled").items():
+        os.environ.setdefault(k, v)
+    p = dict(QUICK if args.quick else FULL)
+    p["teacher_steps"] = args.teacher_steps or p["teacher_steps"]
+    p["student_steps"] = args.student_steps or p["student_steps"]
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    st = Stages()
+    from_scratch = not args.model
+
+    def data():
+        from kava_dist.synthetic import make_chain_task, write_jsonl
+
+        if args.data and args.test:
+            return Path(args.data).resolve(), Path(args.test).resolve()
+        train = make_chain_task(p["n_train"], 4, args.seed)
+        test = make_chain_task(p["n_test"], 4, args.seed + 1000, exclude={r["question"] for r in train})
+        return write_jsonl(train, out / "data/train.jsonl"), write_jsonl(test, out / "data/test.jsonl")
+
+    train_path, test_path = st.run("data", "your dataset files", data)
+
+    def base():
+        from kava_dist.tiny import save_tiny_checkpoint
+
+        if args.model:
+            return Path(args.model).resolve()
+        return save_tiny_checkpoint(out / "base", family="llama", hidden_size=128, num_layers=4, num_heads=4,
+                                    num_kv_heads=2, intermediate_size=384, seed=args.seed, initializer_range=0.1)
+
+    base_path = st.run("base", "a Hugging Face checkpoint", base)
+    common = {
+        "model": {"name_or_path": str(base_path), "gguf_file": args.gguf, "dtype": "float32"},
+        "latent": {"num_latents": p["latents"], "num_iterations": 3},
+        "data": {"train_path": str(train_path), "answer_prompt": "The answer is:" if args.model else "A:",
+                 "max_tokens": 256, "cot_style": "auto"},
+        "lora": {"r": 32, "alpha": 64, "dropout": 0.0},
+        "train": {"global_batch": p["batch"], "micro_batch": p["batch"] // 2, "precision": "fp32", "zero_stage": 2,
+                  "weight_decay": 0.0, "warmup_ratio": 0.05, "log_every": 10, "seed": args.seed},
+        "eval": {"datasets": [str(test_path)], "batch_size": 100, "max_new_tokens": 8, "cot_max_new_tokens": 64},
+        "store": {"path": str(out / "store"), "dtype": "bf16", "shard_examples": 2048},
+        "build": {"batch_size": 64, "object_store_mb": 300},
+    }
+    extra = list(args.overrides)
+
+    teacher_dir = out / "teacher"
+    tcfg = json.loads(json.dumps(common))
+    tcfg["train"].update(stage="teacher", out_dir=str(teacher_dir), max_steps=p["teacher_steps"],
+                         lr=3e-3 if from_scratch else 5e-4)
+    if from_scratch:
+        tcfg["lora"] = {"enabled": False}
+    st.run("teacher", "deepspeed jobs/train.py --config CFG train.stage=teacher", lambda: _train(tcfg, extra))
+
+    # The cache, the student and the baseline all see the teacher: from scratch the teacher *is* the model
+    # (a full checkpoint); with a pretrained base it is base + teacher adapter.
+    post = json.loads(json.dumps(common))
+    if from_scratch:
+        post["model"]["name_or_path"] = str(teacher_dir / "adapter")
+    else:
+        post["model"]["teacher_adapter"] = str(teacher_dir / "adapter")
+
+    def cache():
+        import ray
+
+        from jobs import build_cache
+        from kava_dist.config import config_from_dict, save_config
+
+        cfg_path = out / "build_config.yaml"
+        save_config(config_from_dict(post, extra), cfg_path)
+        rc = build_cache.main(["--config", str(cfg_path)])
+        ray.shutdown()
+        if rc:
+            raise RuntimeError("cache build failed; see the log above")
+
+    st.run("cache", "ray job submit --working-dir . -- python -m jobs.build_cache --config CFG", cache)
+
+    scfg = json.loads(json.dumps(post))
+    scfg["train"].update(stage="student", out_dir=str(out / "student"), max_steps=p["student_steps"], lr=2e-3)
+    st.run("student", "deepspeed jobs/train.py --config CFG train.stage=student", lambda: _train(scfg, extra))
+    ncfg = json.loads(json.dumps(post))
+    ncfg["train"].update(stage="nocot", out_dir=str(out / "nocot"), max_steps=p["student_steps"], lr=2e-3)
+    st.run("nocot", "deepspeed jobs/train.py --config CFG train.stage=nocot", lambda: _train(ncfg, extra))
+
+    runs = {"Full-CoT teacher": teacher_dir, "KaVa student": out / "student", "No-CoT": out / "nocot"}
+
+    def evaluate():
+        from kava_dist.evaluate import evaluate_run
+
+        res = {}
+        for label, rd in runs.items():
+            budgets = (2, 4, p["latents"], 2 * p["latents"]) if label == "KaVa student" else ()
+            res[label] = evaluate_run(rd, [str(test_path)], budgets=budgets, progress=False)
+        return res
+
+    results = st.run("eval", "python -m jobs.evaluate --run RUN --datasets FILE", evaluate)
+
+    def report():
+        from jobs import report as report_job
+
+        report_job.main([str(r) for r in runs.values()] + ["--out", str(out / "report"),
+                                                            "--figure-data", str(test_path), "--figure-examples", "8"])
+
+    st.run("report", "python -m jobs.report RUN...", report)
+    table = summary_table(results, runs, out, st.times)
+    (out / "demo_table.md").write_text(table)
+    (out / "demo_summary.json").write_text(json.dumps({"results": results, "times_s": st.times, "params": p},
+                                                      indent=1, default=str))
+    print("\n" + table)
+    return 0
+
+
+def summary_table(results: dict, runs: dict, out: Path, times: dict) -> str:
+    from cache_store.reader import StoreReader
+
+    stats = StoreReader(str(out / "store")).stats()
+    lines = ["| method | accuracy (95% CI) | forward passes / question | generated tokens / question | latency ms / question |",
+             "|---|---|---|---|---|"]
+    for label in runs:
+        (summary,) = results[label].values()
+        lo, hi = summary["ci95"]
+        lines.append(f"| {label} | {100 * summary['accuracy']:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}) | "
+                     f"{summary['forward_passes']:.1f} | {summary['generated_tokens']:.1f} | "
+                     f"{1e3 * summary['latency_s']:.1f} |")
+    lines += ["", f"store: {stats['rows']} examples, {stats['bytes_on_disk'] / 2**20:.2f} MiB on disk, "
+                  f"{stats['bytes_per_example']:.0f} bytes/example, compression {stats['compression_ratio']:.2f}x vs raw",
+              "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
+    lines.append(f"| total | {sum(times.values()):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
