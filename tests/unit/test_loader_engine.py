@@ -1,0 +1,257 @@
+"""Unit tests (seconds, no DeepSpeed engine): the global-batch plan and loaders, the LR schedule, the generated
+DeepSpeed config, the resume checks of load_checkpoint, and the sweep's argument helpers."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kava_dist import engine as E
+from kava_dist.config import load_config, save_config
+from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store
+from kava_dist.prompts import Encoded
+
+CPU = torch.device("cpu")
+
+
+def enc(n: int) -> list[Encoded]:
+    return [Encoded(id=100 + i, question_ids=[1, 5 + i % 7], cot_ids=[9] * (1 + i % 3), prompt_ids=[3, 4],
+                    answer_ids=[7, 2]) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- GlobalBatchPlan
+
+
+def test_world_and_accumulation_give_the_same_examples_per_step():
+    one = GlobalBatchPlan(40, global_batch=8, micro_batch=4, world_size=1, seed=3)
+    two = GlobalBatchPlan(40, global_batch=8, micro_batch=4, world_size=2, seed=3)
+    four = GlobalBatchPlan(40, global_batch=8, micro_batch=2, world_size=4, seed=3)
+    assert (one.accum, two.accum, four.accum) == (2, 1, 1)
+    for step in range(12):
+        a = np.concatenate(one.micro_indices(step, 0))
+        b = np.concatenate([m for r in range(2) for m in two.micro_indices(step, r)])
+        c = np.concatenate([m for r in range(4) for m in four.micro_indices(step, r)])
+        assert a.tolist() == b.tolist() == c.tolist()
+        assert len(set(a.tolist())) == 8
+
+
+def test_epochs_cover_every_item_once_and_reshuffle():
+    plan = GlobalBatchPlan(43, global_batch=8, micro_batch=4, world_size=1, seed=0)
+    assert plan.steps_per_epoch == 5                       # the partial last global batch is dropped
+    epochs = [np.concatenate([plan.global_indices(e * 5 + s) for s in range(5)]) for e in range(3)]
+    for ep in epochs:
+        assert len(set(ep.tolist())) == 40 and ep.max() < 43
+    assert epochs[0].tolist() != epochs[1].tolist() != epochs[2].tolist()
+    assert plan.permutation(1).tolist() == GlobalBatchPlan(43, 8, 4, 2, seed=0).permutation(1).tolist()
+    assert plan.permutation(0).tolist() != GlobalBatchPlan(43, 8, 4, 1, seed=1).permutation(0).tolist()
+
+
+def test_resume_at_step_gives_the_same_tail():
+    items = enc(24)
+    plan = GlobalBatchPlan(len(items), global_batch=8, micro_batch=2, world_size=2, seed=5)
+    for rank in range(2):
+        full = [(s, m, b.ids.tolist()) for s, m, b, _ in TokenLoader(items, plan, rank, 0).iterate(0, 7)]
+        tail = [(s, m, b.ids.tolist()) for s, m, b, _ in TokenLoader(items, plan, rank, 0, prefetch=0).iterate(4, 7)]
+        assert tail == [x for x in full if x[0] >= 4]
+        assert [x[:2] for x in full[:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]   # accum 2 micro-batches per step
+
+
+def test_bad_divisibility_and_too_little_data_are_refused_naming_the_fields():
+    with pytest.raises(ValueError, match="train.micro_batch"):
+        GlobalBatchPlan(100, global_batch=10, micro_batch=4, world_size=1)
+    with pytest.raises(ValueError, match="micro_batch=4 x world size 2"):
+        GlobalBatchPlan(100, global_batch=12, micro_batch=4, world_size=2)
+    with pytest.raises(ValueError, match="only 6 training examples"):
+        GlobalBatchPlan(6, global_batch=8, micro_batch=4, world_size=1)
+    with pytest.raises(ValueError, match="rank 2"):
+        GlobalBatchPlan(16, 8, 4, 2).micro_indices(0, 2)
+    tc = load_config(None, ["train.global_batch=12", "train.micro_batch=4"]).train
+    assert E.accumulation(tc, 1) == 3
+    with pytest.raises(ValueError, match="train.global_batch=12 is not divisible by train.micro_batch=4 x 2 ranks"):
+        E.accumulation(tc, 2)
+
+
+# ----------------------------------------------------------------------------- StoreLoader
+
+
+class FakeReader:
+    """Rows in a shuffled order (like a length-sorted shard layout), one row per example id."""
+
+    url = "mem://store"
+
+    def __init__(self, ids: list[int]):
+        self.ids = np.array(ids, dtype=np.int64)
+        self.reads: list[list[int]] = []
+
+    def __len__(self):
+        return len(self.ids)
+
+    def read_field(self, name):
+        assert name == "example_id"
+        return self.ids
+
+    def get_batch(self, rows):
+        self.reads.append(list(rows))
+        ids = torch.from_numpy(self.ids[rows])
+        n = len(rows)
+        k = ids.view(n, 1, 1, 1, 1).float().expand(n, 2, 1, 3, 4).clone()
+        return {"k": k, "v": -k, "valid": torch.ones(n, 2, 1, 3, dtype=torch.bool),
+                "codi_h": ids.view(n, 1).float().expand(n, 2).clone(), "example_id": ids}
+
+
+def test_store_loader_follows_data_order_and_reads_rows_sorted():
+    items = enc(16)
+    rng = np.random.default_rng(0)
+    stored = [e.id for e in items[:14]]                    # two examples quarantined by the build
+    reader = FakeReader(list(rng.permutation(stored)))
+    aligned, rows, info = align_store(reader, items)
+    assert [e.id for e in aligned] == stored and info["missing_from_store"] == 2
+    plan = GlobalBatchPlan(len(aligned), 4, 2, 1, seed=1)
+    loader = StoreLoader(reader, aligned, rows, plan, 0, pad_id=0, prefetch=0)
+    tok = TokenLoader(aligned, plan, 0, 0, prefetch=0)
+    for (s, m, b, t), (_, _, b2, _) in zip(loader.iterate(0, 3), tok.iterate(0, 3)):
+        assert b.ids.tolist() == b2.ids.tolist()            # same examples as the online stage
+        assert t.k_BLHMD[:, 0, 0, 0, 0].long().tolist() == b.ids.tolist()
+        assert t.codi_BLd[:, 0].long().tolist() == b.ids.tolist()
+    assert all(r == sorted(r) for r in reader.reads)
+
+
+def test_store_rows_unknown_to_the_data_are_an_error():
+    with pytest.raises(KeyError, match="training data does not have"):
+        align_store(FakeReader([100, 101, 999]), enc(4))
+
+
+# ----------------------------------------------------------------------------- schedule and DeepSpeed config
+
+
+def lrs(total: int, warmup: float, peak: float = 1.0) -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=peak)
+    sched = E.cosine_with_warmup(opt, total, warmup)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_with_warmup_values():
+    got = lrs(10, 0.2, peak=2.0)                          # warmup = round(0.2 * 10) = 2 steps
+    want = [1.0, 2.0] + [1.0 + math.cos(math.pi * k / 8) for k in range(8)]
+    assert got == pytest.approx(want)
+    assert got[1] == max(got) and all(a > b for a, b in zip(got[1:], got[2:]))
+    assert lrs(4, 0.0) == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
+
+
+def test_deepspeed_config_derives_accumulation_and_precision(tmp_path):
+    tc = load_config(None, ["train.global_batch=32", "train.micro_batch=4", "train.zero_stage=3",
+                            "train.grad_clip=1.5"]).train
+    cfg = E.deepspeed_config(tc, 2, CPU)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (32, 4, 4)
+    assert cfg["gradient_clipping"] == 1.5 and cfg["zero_optimization"]["stage"] == 3
+    assert cfg["bf16"]["enabled"] is False                                   # auto on CPU = fp32
+    assert E.deepspeed_config(tc, 1, torch.device("cuda"))["bf16"]["enabled"] is True
+    tc_bf16 = load_config(None, ["train.precision=bf16"]).train
+    assert E.deepspeed_config(tc_bf16, 1, CPU)["bf16"]["enabled"] is True
+    tc_fp32 = load_config(None, ["train.precision=fp32"]).train
+    assert E.deepspeed_config(tc_fp32, 1, torch.device("cuda"))["bf16"]["enabled"] is False
+    assert "zero_force_ds_cpu_optimizer" not in cfg
+
+
+def test_deepspeed_overlay_merges_and_refuses_owned_keys(tmp_path):
+    ov = tmp_path / "ov.json"
+    ov.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "steps_per_print": 5}))
+    tc = load_config(None, ["train.zero_stage=2", f"train.deepspeed_config={ov}"]).train
+    cfg = E.deepspeed_config(tc, 1, CPU)
+    zo = cfg["zero_optimization"]
+    assert zo["stage"] == 2 and zo["offload_optimizer"] == {"device": "cpu"} and zo["contiguous_gradients"] is True
+    assert cfg["steps_per_print"] == 5 and cfg["zero_force_ds_cpu_optimizer"] is False
+    for bad, msg in [({"train_batch_size": 64}, "train.global_batch"), ({"optimizer": {"type": "Adam"}}, "torch AdamW"),
+                     ({"zero_optimization": {"stage": 3}}, "train.zero_stage=3"),
+                     ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "needs ZeRO-3")]:
+        ov.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=msg):
+            E.deepspeed_config(tc, 1, CPU)
+    shipped = load_config(None, ["train.zero_stage=3", "train.deepspeed_config=configs/deepspeed/zero3_offload.json"])
+    assert E.deepspeed_config(shipped.train, 1, CPU)["zero_optimization"]["offload_param"]["device"] == "cpu"
+    missing = load_config(None, ["train.deepspeed_config=nope.json"]).train
+    with pytest.raises(FileNotFoundError, match="configs/deepspeed"):
+        E.deepspeed_config(missing, 1, CPU)
+
+
+# ----------------------------------------------------------------------------- resume checks
+
+
+class FakeEngine:
+    global_rank = 0
+
+    def __init__(self, client):
+        self.client, self.loaded = client, []
+
+    def load_checkpoint(self, path, tag, load_module_strict=True):
+        self.loaded.append((path, tag, load_module_strict))
+        return path, self.client
+
+
+def fake_checkpoint(run, cfg, step=2, world=1):
+    tag = run / "checkpoints" / f"global_step{step}"
+    tag.mkdir(parents=True)
+    save_config(cfg, tag / "config.yaml")
+    (run / "checkpoints" / "latest").write_text(f"global_step{step}")
+    torch.manual_seed(123)
+    torch.save(E.rng_state(), tag / "rng_rank0.pt")
+    return {"step": step, "world_size": world, "rng": E.rng_state()}
+
+
+def test_load_checkpoint_checks_the_config_and_restores_rng(tmp_path):
+    base = ["train.max_steps=8", "train.out_dir=/a", "loss.alpha_kv=1"]
+    saved = load_config(None, base)
+    client = fake_checkpoint(tmp_path, saved)
+    expect = torch.rand(3)                                    # the draw right after the saved RNG state
+    # fields in RESUMABLE may change
+    ok = load_config(None, base[:1] + ["train.out_dir=/b", "train.save_every=3", "train.resume=true",
+                                       "eval.limit=5", "store.verify=true", "train.stop_at_step=4"])
+    eng = FakeEngine(client)
+    torch.manual_seed(0)
+    step, _ = E.load_checkpoint(eng, tmp_path, ok)
+    assert step == 2 and eng.loaded[0][1] == "global_step2" and eng.loaded[0][2] is False
+    assert torch.equal(torch.rand(3), expect)
+    # anything else may not
+    for over, field in [("loss.alpha_kv=2", "loss.alpha_kv: 1.0 -> 2.0"), ("train.max_steps=9", "train.max_steps"),
+                        ("lora.target_modules=[q_proj]", "lora.target_modules"), ("train.lr=1e-3", "train.lr")]:
+        bad = load_config(None, base + [over])
+        with pytest.raises(ValueError, match=f"config differs in .*{field.split(':')[0]}"):
+            E.load_checkpoint(FakeEngine(client), tmp_path, bad)
+    assert E.config_diff(saved, load_config(None, base + ["loss.alpha_kv=2"])) == ["loss.alpha_kv: 1.0 -> 2.0"]
+
+
+def test_load_checkpoint_errors_name_the_fix(tmp_path):
+    cfg = load_config(None, [])
+    with pytest.raises(FileNotFoundError, match="no 'latest'"):
+        E.load_checkpoint(FakeEngine({}), tmp_path, cfg)
+    client = fake_checkpoint(tmp_path, cfg, world=4)
+    with pytest.raises(ValueError, match="resume with 4 processes"):
+        E.load_checkpoint(FakeEngine(client), tmp_path, cfg)
+    (tmp_path / "checkpoints" / "latest").write_text("global_step7")
+    with pytest.raises(FileNotFoundError, match="checkpoints present: global_step2"):
+        E.load_checkpoint(FakeEngine(client), tmp_path, cfg)
+
+
+# ----------------------------------------------------------------------------- sweep helpers
+
+
+def test_sweep_grid_parsing():
+    from jobs.sweep import parse_grid, run_name, split_values
+
+    assert split_values("0.5,1,2") == ["0.5", "1", "2"]
+    assert split_values("[q_proj,v_proj],[q_proj]") == ["[q_proj,v_proj]", "[q_proj]"]
+    grid = parse_grid(["loss.alpha_kv=0.5,1,2", "loss.kv_loss=mse,smooth_l1"])
+    assert grid == [("loss.alpha_kv", ["0.5", "1", "2"]), ("loss.kv_loss", ["mse", "smooth_l1"])]
+    assert run_name(3, [("loss.alpha_kv", "0.5"), ("lora.target_modules", "[q_proj,v_proj]")]) == \
+        "003_alpha_kv-0.5_target_modules-q_proj+v_proj"
+    with pytest.raises(SystemExit, match="section.key=v1,v2"):
+        parse_grid(["loss.alpha_kv"])
