@@ -12,9 +12,10 @@ Usage:
     # shards: {shard_id: [item, ...]}; items must be picklable and expose .id (reported on failure)
     report.ok, report.failed, report.summary(), report.overlap_s
 
-Each actor runs with max_concurrency=2 and a compute lock: while shard i is written to the store, shard i+1
-is computed, so I/O overlaps GPU work (`report.overlap_s` measures it; `report.timeline` has every shard's
-compute and write interval). A task returns only once its shard is published. Shards already in the ledger
+Each actor runs with max_concurrency = 1 + writes_in_flight and a compute lock: while shard i (and up to
+writes_in_flight - 1 more) is written to the store, shard i+1 is computed, so I/O overlaps GPU work
+(`report.overlap_s` measures it; `report.timeline` has every shard's compute and write interval;
+`report.active_s` is the span from the first compute to the last write, the throughput window). A task returns only once its shard is published. Shards already in the ledger
 are skipped (resume). A task that raises is retried (any actor); an actor that dies is replaced (started in
 the background, the others keep working), the claims it held are released and its in-flight shards retried;
 after `max_retries` a shard is reported with its error and item ids and the build finishes everything else
@@ -57,6 +58,8 @@ class BuildSettings:
     num_cpus: float = 1.0
     max_retries: int = 3
     progress: bool = True
+    writes_in_flight: int = 1
+    """Shard writes an actor may have running while it computes the next shard."""
     actor_start_timeout_s: float = 900.0
     """An actor not started (scheduled + processor built) within this is an error naming its resources."""
     claim_retry_s: float = 30.0
@@ -74,6 +77,8 @@ class BuildReport:
     seconds: float = 0.0
     startup_s: float = 0.0
     """Of `seconds`, the time until the first actor was ready (model load); rates exclude it."""
+    active_s: float = 0.0
+    """From the first shard's compute start to the last shard's write end (rates over the work itself)."""
     compute_s: float = 0.0
     write_s: float = 0.0
     overlap_s: float = 0.0
@@ -227,7 +232,8 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
     report = BuildReport(shards_total=len(shards), shards_skipped=len(shards) - len(todo))
     if not todo:
         return report
-    opts: dict[str, Any] = dict(num_gpus=settings.num_gpus, num_cpus=settings.num_cpus, max_concurrency=2,
+    depth = 1 + max(1, settings.writes_in_flight)       # tasks per actor: one computing, the others writing
+    opts: dict[str, Any] = dict(num_gpus=settings.num_gpus, num_cpus=settings.num_cpus, max_concurrency=depth,
                                 max_restarts=0)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if env:
@@ -271,7 +277,7 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
             deferred.remove(item)
             queue.append(item[1])
         for a in list(actors):
-            while queue and load[id(a)] < 2:
+            while queue and load[id(a)] < depth:
                 s = queue.pop(0)
                 inflight[a.run.remote(s, shards[s])] = (s, a)
                 load[id(a)] += 1
@@ -367,6 +373,9 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
             ray.kill(a, no_restart=True)
     report.seconds = time.time() - t_start
     report.overlap_s = _overlap(report.timeline)
+    if report.timeline:
+        report.active_s = (max(r["write"][1] for r in report.timeline)
+                           - min(r["compute"][0] for r in report.timeline))
     return report
 
 

@@ -79,7 +79,7 @@ def parse_grid(axes: list[str]) -> list[tuple[str, list[str]]]:
 def run_name(i: int, combo: list[tuple[str, str]]) -> str:
     parts = [f"{k.split('.')[-1]}-{v}" for k, v in combo]
     name = f"{i:03d}_" + "_".join(parts) if parts else f"{i:03d}"
-    return re.sub(r"[^A-Za-z0-9._=-]+", "", name.replace(",", "+"))[:120]
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "", name.replace(",", "+"))[:120]
 
 
 def run_state(run_dir: Path) -> str:

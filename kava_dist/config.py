@@ -168,6 +168,9 @@ class BuildConfig:
     """Ray cluster to join ('' = $RAY_ADDRESS, as set by `ray job submit`, else a local Ray started here)."""
     object_store_mb: int = 0
     """Object store of a local Ray started by the job (0 = Ray's default, 30% of RAM)."""
+    writes_in_flight: int = 2
+    """Shards each actor may be writing to the store while it computes the next (compression runs on CPU threads;
+    raise it when the store write, not the teacher, limits throughput and the node has spare cores)."""
 
 
 @dataclass

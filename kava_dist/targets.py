@@ -113,6 +113,16 @@ class TeacherTargets:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher, self.tokenizer, self.special = load_teacher(self.cfg.model, device=self.device)
         self._nan_ids = _nan_fault_ids()
+        self._warmup()
+
+    def _warmup(self) -> None:
+        """One small forward + eviction at start-up (CUDA context, cuBLAS handles, kernels), so it is counted
+        in the actor's start and not in its first shard."""
+        ids = list(range(10, 42))
+        e = Encoded(id=-1, question_ids=ids, cot_ids=ids + ids, prompt_ids=ids[:3], answer_ids=ids[:2])
+        self._batch([e] * min(2, self.cfg.build.batch_size))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def batches(self, items: list[Encoded]) -> list[list[Encoded]]:
         """The forward batches `process` runs for a shard's items (in order)."""

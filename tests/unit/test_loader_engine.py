@@ -143,7 +143,7 @@ def test_cosine_with_warmup_values():
     got = lrs(10, 0.2, peak=2.0)                          # warmup = round(0.2 * 10) = 2 steps
     want = [1.0, 2.0] + [1.0 + math.cos(math.pi * k / 8) for k in range(8)]
     assert got == pytest.approx(want)
-    assert got[1] == max(got) and all(a > b for a, b in zip(got[1:], got[2:]))
+    assert got[1] == got[2] == max(got) and all(a > b for a, b in zip(got[2:], got[3:]))   # peak, then decay
     assert lrs(4, 0.0) == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
 
 
