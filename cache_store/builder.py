@@ -15,7 +15,8 @@ Usage:
 Each actor runs with max_concurrency = 1 + writes_in_flight and a compute lock: while shard i (and up to
 writes_in_flight - 1 more) is written to the store, shard i+1 is computed, so I/O overlaps GPU work
 (`report.overlap_s` measures it; `report.timeline` has every shard's compute and write interval;
-`report.active_s` is the span from the first compute to the last write, the throughput window). A task returns only once its shard is published. Shards already in the ledger
+`report.active_s` is the span from the first compute to the last write, the throughput window). A task
+returns only once its shard is published. Shards already in the ledger
 are skipped (resume). A task that raises is retried (any actor); an actor that dies is replaced (started in
 the background, the others keep working), the claims it held are released and its in-flight shards retried;
 after `max_retries` a shard is reported with its error and item ids and the build finishes everything else
@@ -103,10 +104,12 @@ class BuildReport:
     def summary(self) -> str:
         s = self.busy_s
         return (f"{self.shards_written} shards written, {self.shards_skipped} already done, {len(self.failed)} failed; "
-                f"{self.rows} examples ({self.rows / s:.1f}/s), {self.tokens} teacher tokens ({self.tokens / s:.0f}/s), "
+                f"{self.rows} examples ({self.rows / s:.1f}/s), {self.tokens} teacher tokens "
+                f"({self.tokens / s:.0f}/s), "
                 f"{self.bytes / 2**20:.1f} MiB written, {len(self.quarantined)} examples quarantined, "
                 f"{self.retries} retries, {self.actors_replaced} actors replaced, {self.seconds:.1f} s "
-                f"(actor start {self.startup_s:.1f} s, compute {self.compute_s:.1f} s, write {self.write_s:.1f} s, overlapped {self.overlap_s:.1f} s)")
+                f"(actor start {self.startup_s:.1f} s, compute {self.compute_s:.1f} s, write {self.write_s:.1f} s, "
+                f"overlapped {self.overlap_s:.1f} s)")
 
 
 def _faults() -> dict[str, str]:
@@ -240,22 +243,16 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
         opts["runtime_env"] = {"env_vars": env}
     Actor = ray.remote(ShardWorker).options(**opts)
     n_actors = max(1, min(settings.num_actors, len(todo)))
-    spawn_budget = n_actors + settings.max_retries * max(1, n_actors)
+    start_budget = n_actors + settings.max_retries          # actors that may die before they are ready
 
     actors: list = []                            # started, in the pool
     owners: dict[int, dict] = {}                 # id(actor) -> claim owner
     starting: dict[Any, tuple[Any, float]] = {}  # ready future -> (actor, started at)
     load: dict[int, int] = {}
 
-    last_death = [""]
-
     def spawn():
-        nonlocal spawn_budget
-        if spawn_budget <= 0:
-            raise BuildError(f"build actors kept dying ({n_actors + settings.max_retries * max(1, n_actors)} started); "
-                             f"the last one: {last_death[0][-3000:] or '?'}\nSee the actor logs (`ray logs`, the "
-                             "dashboard) for more, e.g. out of memory or a module the workers cannot import")
-        spawn_budget -= 1
+        """Start an actor in the background. Deaths mid-shard are bounded by the shards' retries; deaths while
+        starting by `start_budget`."""
         a = Actor.remote(make_processor, store_args)
         starting[a.ready.remote()] = (a, time.time())
 
@@ -326,7 +323,12 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
                 try:
                     info = ray.get(fut)
                 except RayError as e:            # died while starting (e.g. out of memory): try another one
-                    last_death[0] = str(e)
+                    start_budget -= 1
+                    if start_budget <= 0:
+                        raise BuildError(
+                            f"build actors kept dying while starting; the last one: {str(e)[-3000:]}\nSee the "
+                            "actor logs (`ray logs`, the dashboard), e.g. out of memory or a module the workers "
+                            "cannot import (run with `ray job submit --working-dir .`)") from e
                     log.warning("a build actor died while starting; starting another: %s", str(e)[-1500:])
                     spawn()
                     continue
@@ -344,8 +346,7 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
                 res = ray.get(fut)
             except RayTaskError as e:            # the processor or the write raised: the actor is fine
                 retry(s, str(e))
-            except RayError as e:                # the actor died (killed, OOM, node lost)
-                last_death[0] = str(e)
+            except RayError:                     # the actor died (killed, OOM, node lost)
                 _release_claim_of(writer, s, owners.get(id(actor), {}))
                 replace(actor)
                 retry(s, traceback.format_exc())

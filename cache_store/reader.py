@@ -27,10 +27,13 @@ their logical dtype; bfloat16 fields come back as torch.bfloat16. `fast_read=Fal
 through zarr instead (reference path; zarr 3.1's orthogonal selection on sharded arrays
 measured ~10x slower for random rows, so it issues one basic selection per run of rows).
 
-Throughput note: every batch allocates fresh output memory; on small VMs page faults were up
-to half the read time. Launching the training process with
-GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295
-lets glibc reuse that memory (measured up to 2x on the 3B bf16 read path, 2 cores).
+Throughput notes: decompression dominates lossless reads (blosc-zstd ~0.4-0.5 GB/s per core
+here; plain zstd ~2x faster to decode at ~5% more bytes); int8 hardly compresses, so
+FieldSpec(codec=CodecSpec("none")) plus get_batch(dequantize=False) and expand_quantized on the
+GPU leaves little CPU work per batch. Each batch allocates fresh output memory and page faults
+showed up in profiles (high sys time); GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:
+glibc.malloc.trim_threshold=4294967295 in the training process lets glibc reuse it (one A/B on
+a shared 2-core VM: 3B bf16 reads 70 -> 142 ex/s; re-check on the training machine).
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ tokens/s, shards done/total) and ends with a summary (examples, tokens, bytes, c
 skipped and why). Reports go to the store's meta/: data_report, build_report, quarantine. See docs/CACHE_BUILD.md.
 
 Exit codes: 0 = store complete; 1 = some shard failed after its retries (the others are written; rerun the same
-command after fixing the cause); 2 = the store at store.path belongs to another config (fingerprint or spec
-differs; the message names the fields) or the build could not start.
+command after fixing the cause); 2 = nothing could be built: the store at store.path belongs to another config
+(fingerprint or spec differs; the message names the fields), no example passed the data check, or no actor
+could start (the message says why).
 """
 from __future__ import annotations
 
@@ -57,6 +58,25 @@ def init_ray(cfg) -> dict:
     return ray.cluster_resources()
 
 
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def _mask(obj):
+    if isinstance(obj, dict):
+        return {k: ("***" if v and isinstance(k, str) and any(w in k.lower() for w in _SECRET_WORDS) else _mask(v))
+                for k, v in obj.items()}
+    return [_mask(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def redacted(cfg_dict: dict) -> dict:
+    """The config dict with credential-like values of store.storage_options (key, secret, token...) masked: the
+    config is kept in the store's meta/, which every reader of the store sees."""
+    out = dict(cfg_dict)
+    out["store"] = dict(out.get("store") or {})
+    out["store"]["storage_options"] = _mask(out["store"].get("storage_options") or {})
+    return out
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -70,20 +90,22 @@ def summary_text(result, stats: dict, data_report: dict, quarantined: list[dict]
     skipped = data_report.get("skipped", {})
     why = "; ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
     ratio = stats.get("compression_ratio")
+    span = result.active_s or result.busy_s          # first compute -> last write (model load excluded)
+    size = f"{_fmt_bytes(stats['bytes_on_disk'])} on disk, {_fmt_bytes(stats['raw_bytes'])} raw"
     lines = [
         "cache build summary",
         f"  store           {stats['url']} (fingerprint {stats['fingerprint']})",
         f"  shards          {stats['shards_done']}/{stats['shards_total']} done: {result.shards_written} written now, "
         f"{result.shards_skipped} already done, {len(result.failed)} failed",
-        f"  examples        {stats['rows']} stored ({result.rows} now, {result.rows / result.busy_s:.1f}/s); "
+        f"  examples        {stats['rows']} stored ({result.rows} now, {result.rows / span:.1f}/s); "
         f"{data_report.get('rows', '?')} rows read, {data_report.get('kept', '?')} kept",
         f"  skipped         {sum(skipped.values())} by the data check ({why}); {len(quarantined)} quarantined by the "
         f"teacher (meta/quarantine.json)",
-        f"  teacher tokens  {result.tokens} ({result.tokens / result.busy_s:,.0f}/s)",
-        f"  bytes           {_fmt_bytes(stats['bytes_on_disk'])} on disk, {_fmt_bytes(stats['raw_bytes'])} raw, "
-        f"compression {ratio:.2f}x" if ratio else f"  bytes           {_fmt_bytes(stats['bytes_on_disk'])} on disk",
-        f"  wall time       {wall_s:.1f} s (build {result.seconds:.1f} s, of which actor start {result.startup_s:.1f} s; compute {result.compute_s:.1f} s, write "
-        f"{result.write_s:.1f} s, {result.overlap_s:.1f} s of writes overlapped compute)",
+        f"  teacher tokens  {result.tokens} ({result.tokens / span:,.0f}/s)",
+        f"  bytes           {size}" + (f", compression {ratio:.2f}x" if ratio else ""),
+        f"  wall time       {wall_s:.1f} s (build {result.seconds:.1f} s: actor start {result.startup_s:.1f} s, "
+        f"shards {span:.1f} s; compute {result.compute_s:.1f} s, write {result.write_s:.1f} s, of it "
+        f"{result.overlap_s:.1f} s overlapped with compute)",
         f"  failures        {result.retries} retries, {result.actors_replaced} actors replaced",
     ]
     for s, f in sorted(result.failed.items()):
@@ -136,7 +158,7 @@ def main(argv=None) -> int:
         log.error("%s", e)
         return EXIT_USAGE
     writer.put_meta("data_report", report.to_dict())
-    writer.put_meta("config", to_dict(cfg))
+    writer.put_meta("config", redacted(to_dict(cfg)))
     done = writer.done_shards()
     if len(done) == len(shards):
         log.info("store %s is already complete (%d shards); nothing to compute", cfg.store.path, len(shards))
@@ -162,7 +184,8 @@ def main(argv=None) -> int:
     writer.put_meta("quarantine", quarantined)
     stats = StoreReader(cfg.store.path, storage_options=so).stats()
     text = summary_text(result, stats, report.to_dict(), quarantined, time.time() - t0)
-    writer.put_meta("build_report", result.to_dict() | {"summary": text, "store": stats})
+    if result.shards_written or result.failed:       # a rerun on a complete store keeps the last real report
+        writer.put_meta("build_report", result.to_dict() | {"summary": text, "store": stats})
     log.info("store stats: %s", json.dumps({k: v for k, v in stats.items() if k != "fields"}, default=str))
     print(text, flush=True)
     if not result.ok:

@@ -143,21 +143,24 @@ class Trainer:
             return []
         examples, _ = load_examples(d.valid_path, d.cot_style, d.numeric_answer, self.cfg.eval.limit or 256)
         enc, _ = encode_examples(examples, self.tokenizer, d.answer_prompt, d.drop_last_step, d.max_tokens)
-        mb = self.cfg.train.micro_batch
+        mb, world = self.cfg.train.micro_batch, self.dist.world_size
         chunks = [enc[i:i + mb] for i in range(0, len(enc), mb)]
-        return [collate(c, self.special.pad) for c in chunks[self.dist.rank::self.dist.world_size]]
+        mine = [(collate(c, self.special.pad), 1.0) for c in chunks[self.dist.rank::world]]
+        # equal batch counts on every rank (ZeRO-3 gathers parameters collectively): pad with weight-0 repeats
+        while len(mine) < math.ceil(len(chunks) / world):
+            mine.append((collate(chunks[0], self.special.pad), 0.0))
+        return mine
 
     @torch.no_grad()
     def _validate(self, step: int) -> dict:
         """Mean loss terms on the validation set (student stage: the answer CE, no targets for it)."""
         self.engine.eval()
         sums: dict[str, float] = {}
-        for batch in self.valid:
-            batch = batch.to(self.dist.device)
-            terms = self.engine(batch, None)     # student: the answer CE only (no targets for validation)
+        for batch, w in self.valid:
+            terms = self.engine(batch.to(self.dist.device), None)   # student: the answer CE only (no targets)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
-            sums["_n"] = sums.get("_n", 0.0) + len(batch)
+                sums[k] = sums.get(k, 0.0) + float(v) * len(batch) * w
+            sums["_n"] = sums.get("_n", 0.0) + len(batch) * w
         self.engine.train()
         keys = sorted(k for k in sums if k != "_n")
         if tdist.is_initialized() and self.dist.world_size > 1:
@@ -189,7 +192,7 @@ class Trainer:
         self.rd.metrics.write_text("".join(ln + "\n" for ln in keep))
 
     def _log(self, step: int, sums: dict, n_micro: int, n_steps: int, tokens: int, dt: float, lr: float,
-             gn: float) -> dict:
+             gn: float, extra: dict) -> dict:
         keys = sorted(sums)
         dev = self.dist.device
         vals = torch.stack([sums[k].to(dev, torch.float64) / n_micro for k in keys]
@@ -201,7 +204,7 @@ class Trainer:
         rec = {"step": step, "epoch": step / max(1, self.plan.steps_per_epoch), "lr": lr, "grad_norm": gn}
         rec.update({k: float(v) for k, v in zip(keys, vals[:-1])})
         rec.update(samples_per_s=n_steps * self.cfg.train.global_batch / dt, tokens_per_s=vals[-1] / dt,
-                   steps_per_s=n_steps / dt, time=time.time())
+                   steps_per_s=n_steps / dt, time=time.time(), **extra)
         if self.dist.is_main:
             with open(self.rd.metrics, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -246,10 +249,10 @@ class Trainer:
                 g = self.engine.get_global_grad_norm()
                 gn = float(g) if g is not None else float("nan")
             done, n_steps = step + 1, n_steps + 1
-            if done % tc.log_every == 0 or done == end:
-                rec = self._log(done, sums, accum * n_steps, n_steps, tokens, time.perf_counter() - t0, lr, gn)
-                if tc.eval_every and self.valid and (done % tc.eval_every == 0 or done == self.total_steps):
-                    rec.update(self._validate(done))
+            evaluate = bool(tc.eval_every and self.valid and (done % tc.eval_every == 0 or done == self.total_steps))
+            if done % tc.log_every == 0 or done == end or evaluate:
+                rec = self._log(done, sums, accum * n_steps, n_steps, tokens, time.perf_counter() - t0, lr, gn,
+                                self._validate(done) if evaluate else {})
                 history.append(rec)
                 post = dict(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{gn:.3g}",
                             samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}")

@@ -295,7 +295,8 @@ def test_ray_job_submit_matches_clean(cluster, data, clean):
            *overrides(data, store)]
     out = subprocess.run(cmd, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=280)
     status = JobSubmissionClient(cluster["dashboard"]).get_job_status(sid)
-    assert status == JobStatus.SUCCEEDED, f"job {status}; rc={out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-3000:]}"
+    assert status == JobStatus.SUCCEEDED, \
+        f"job {status}; rc={out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-3000:]}"
     assert "cache build summary" in out.stdout
     assert_same_store(clean, store)
 
@@ -408,7 +409,8 @@ def test_writes_overlap_compute(cluster, tmp_path, monkeypatch):
     shards = {s: [Item(4 * s + j) for j in range(4)] for s in range(6)}
     cloudpickle.register_pickle_by_value(sys.modules[__name__])       # Ray workers cannot import this test file
     monkeypatch.setenv("CACHE_STORE_FAULT", "sleep_after_claim:0.6")   # every write takes >= 0.6 s
-    rep = build_store(store_args, shards, functools.partial(SleepProc, 0.6), BuildSettings(num_actors=1, progress=False))
+    rep = build_store(store_args, shards, functools.partial(SleepProc, 0.6),
+                      BuildSettings(num_actors=1, progress=False))
     assert rep.ok and rep.shards_written == 6 and rep.rows == 24 and rep.tokens == 240
     assert rep.write_s >= 6 * 0.6 and rep.compute_s >= 6 * 0.6
     # one actor: shard i+1 computes while shard i is written, so most of the write time is hidden

@@ -172,7 +172,8 @@ def test_zero3_trains_and_exports_a_reloadable_adapter(ws):
     cfg, model, _, _ = load_run(out)
     with torch.no_grad():
         got = parts(model)[0](input_ids=saved["ids"], attention_mask=saved["mask"], position_ids=saved["pos"]).logits
-    assert torch.allclose(got, saved["logits"], atol=1e-4, rtol=1e-4), float((got - saved["logits"]).abs().max())
+    # merged (load_run) vs unmerged LoRA arithmetic: equal up to float rounding
+    assert torch.allclose(got, saved["logits"], atol=2e-3, rtol=1e-3), float((got - saved["logits"]).abs().max())
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(v.numel() > 0 for v in weights.values()) and sum(float(v.norm()) for v in lora_b) > 0
@@ -180,7 +181,7 @@ def test_zero3_trains_and_exports_a_reloadable_adapter(ws):
     base, _, _ = load_backbone(cfg.model, latent=cfg.latent)
     with torch.no_grad():
         untrained = base(input_ids=saved["ids"], attention_mask=saved["mask"], position_ids=saved["pos"]).logits
-    assert (untrained - saved["logits"]).abs().max() > 1e-3      # the adapter changes the function
+    assert (untrained - saved["logits"]).abs().max() > 5e-2      # the adapter changes the function
 
 
 @pytest.mark.timeout(900)

@@ -1,0 +1,245 @@
+"""Cache-build job vs the bare teacher forward on the same batches, and 2 actors vs 1 (issue 4's GPU check).
+
+Usage (GPU):      python bench/cache_build_bench.py --shapes 1b,3b --examples 512
+      (2 GPUs):   python bench/cache_build_bench.py --shapes 1b,3b --examples 512 --actors 2
+      (CPU smoke): python bench/cache_build_bench.py --shapes tiny --examples 48 --batch-size 8 --shard-examples 16
+
+Per shape it writes (under --workdir, reused by later runs) a random-init Llama-3.2-1B / -3B shaped checkpoint
+in bf16 with a WordLevel tokenizer over the model's whole vocabulary ("w3".."wN": one token per word, so
+lengths are exact), and a jsonl of N synthetic GSM8k-AUG-like examples: question 70-130 tokens, CoT 100-200
+tokens in steps (+1 step that data.drop_last_step drops), answer prompt + number + EOS = 10 tokens. Then:
+
+  job   `jobs.build_cache.main` exactly as a user runs it (local Ray, one actor per GPU, store on local disk,
+        eviction settings of --config), rate over its active span: first shard's compute start to last
+        shard's write end (the model load is excluded; the actor warms up while it starts)
+  bare  the teacher (same load, dtype, attention) run on the job's own batches (same shard plan, same length
+        sort, same batch size): decoder forward (no LM head, what the teacher needs) and CausalLM forward,
+        no hooks, no eviction, no store; one warmup batch, CUDA-synchronised per batch
+
+and prints one line per shape: examples/s and teacher tokens/s of both, the ratio job/bare (target >= 0.9x vs
+the bare decoder), and with --actors K (K GPUs) a second job with K actors and its speedup over 1 (target >=
+1.8x for K=2). A few hundred examples per shape are enough (GPU time: ~1-3 min per shape, mostly model loads);
+the job's store write (compression on CPU threads) is in the measurement: see store.codec/store.clevel and
+build.writes_in_flight (--codec, --clevel, --writes-in-flight) if it limits the job.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1024),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, head_dim=64),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, head_dim=128),
+}
+ANSWER_PROMPT = " ".join(f"w{i}" for i in range(3, 11))   # 8 tokens; + number + EOS = 10
+
+
+def make_tokenizer(vocab_size: int):
+    """WordLevel over 'w3'..: vocab_size - 4 entries, so kava's 3 tokens + [PAD] fill the model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(3, vocab_size - 4):
+        vocab[f"w{i}"] = i
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_checkpoint(shape: str, out: Path, device: torch.device) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return out
+    cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=1,
+                      eos_token_id=2, rope_theta=500000.0)
+    torch.manual_seed(0)
+    t0 = time.time()
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    make_tokenizer(cfg.vocab_size).save_pretrained(tmp)
+    tmp.rename(out)
+    print(f"[{shape}] wrote a random-init checkpoint ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
+          f"params, bf16) to {out} in {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+def make_data(path: Path, n: int, vocab_size: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+
+    def words(k: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(11, vocab_size - 4, k))
+
+    with open(path, "w") as f:
+        for _ in range(n):
+            cot = int(rng.integers(100, 201))
+            cuts = np.sort(rng.choice(np.arange(1, cot), 4, replace=False))
+            steps = [words(int(b - a)) for a, b in zip([0, *cuts], [*cuts, cot])] + [words(20)]   # last is dropped
+            f.write(json.dumps({"question": words(int(rng.integers(69, 130))), "steps": steps,
+                                "answer": str(int(rng.integers(1, 1000)))}) + "\n")
+    return path
+
+
+def overrides(args, ckpt: Path, data: Path, store: Path, actors: int, device: torch.device) -> list[str]:
+    out = [f"model.name_or_path={ckpt}", "model.teacher_adapter=",
+           f"model.dtype={'bfloat16' if device.type == 'cuda' else 'float32'}",
+           f"data.train_path={data}", "data.max_tokens=512", f"data.answer_prompt={ANSWER_PROMPT}",
+           "data.cot_style=equation", "data.limit=0", f"store.path={store}",
+           f"store.shard_examples={args.shard_examples}", f"build.batch_size={args.batch_size}",
+           f"build.num_actors={actors}", f"build.object_store_mb={args.object_store_mb}",
+           f"build.writes_in_flight={args.writes_in_flight}"]
+    if args.codec:
+        out.append(f"store.codec={args.codec}")
+    if args.clevel is not None:
+        out.append(f"store.clevel={args.clevel}")
+    return out
+
+
+def run_job(args, ov: list[str]) -> dict:
+    from cache_store.reader import StoreReader
+    from jobs.build_cache import main
+
+    store = Path(next(o.split("=", 1)[1] for o in ov if o.startswith("store.path=")))
+    shutil.rmtree(store, ignore_errors=True)
+    t0 = time.time()
+    rc = main(["--config", args.config, *ov])
+    if rc != 0:
+        raise SystemExit(f"the build job failed (exit {rc}); see its log above")
+    rep = StoreReader(str(store)).get_meta("build_report")
+    span = max(rep["active_s"], 1e-9)
+    return {"wall_s": time.time() - t0, "examples": rep["rows"], "tokens": rep["tokens"], "active_s": span,
+            "examples_per_s": rep["rows"] / span, "tokens_per_s": rep["tokens"] / span,
+            "startup_s": rep["startup_s"], "compute_s": rep["compute_s"], "write_s": rep["write_s"],
+            "overlap_s": rep["overlap_s"], "bytes": rep["bytes"],
+            "compression_ratio": rep["store"].get("compression_ratio")}
+
+
+def run_bare(args, ov: list[str], device: torch.device) -> dict:
+    """The teacher forward alone on the job's own batches."""
+    from kava_dist.backbone import load_teacher
+    from kava_dist.config import load_config
+    from kava_dist.prompts import collate, encode_examples, load_examples
+    from kava_dist.targets import plan_shards, store_spec
+    from kava_dist.teacher import teacher_sequence
+
+    cfg = load_config(args.config, ov)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":      # as in the job's actor: Ray sets OMP_NUM_THREADS to its num_cpus
+        torch.set_num_threads(max(1, int(cfg.build.cpus_per_actor)))
+    model, tok, special = load_teacher(cfg.model, device=device)
+    d = cfg.data
+    ex, rep = load_examples(d.train_path, d.cot_style, d.numeric_answer, d.limit)
+    enc, rep = encode_examples(ex, tok, d.answer_prompt, d.drop_last_step, d.max_tokens, rep)
+    shards = plan_shards(enc, store_spec(cfg).shard_size)
+    bs = cfg.build.batch_size
+    batches = [teacher_sequence(collate(items[i:i + bs], special.pad))
+               for s in sorted(shards) for items in [shards[s]] for i in range(0, len(items), bs)]
+    tokens = sum(e.teacher_len for e in enc)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = {"decoder": 0.0, "causal_lm": 0.0}
+    fns = {"decoder": lambda i, m, p: model.model(input_ids=i, attention_mask=m, position_ids=p, use_cache=False),
+           "causal_lm": lambda i, m, p: model(input_ids=i, attention_mask=m, position_ids=p, use_cache=False)}
+    with torch.no_grad():
+        for k, fn in fns.items():                                   # warmup
+            fn(*(t.to(device) for t in batches[0]))
+        for ids, mask, pos in batches:
+            ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+            for k, fn in fns.items():
+                sync()
+                t0 = time.perf_counter()
+                fn(ids, mask, pos)
+                sync()
+                times[k] += time.perf_counter() - t0
+    del model
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"examples": len(enc), "tokens": tokens, "batches": len(batches),
+            **{f"{k}_s": v for k, v in times.items()},
+            **{f"{k}_tokens_per_s": tokens / v for k, v in times.items()},
+            **{f"{k}_examples_per_s": len(enc) / v for k, v in times.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="1b,3b", help=f"comma list of {sorted(SHAPES)}")
+    ap.add_argument("--examples", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--shard-examples", type=int, default=64)
+    ap.add_argument("--actors", type=int, default=1, help="K > 1: also run the job with K actors (K GPUs)")
+    ap.add_argument("--config", default=str(REPO / "configs/paper/llama1b_aug.yaml"),
+                    help="eviction/latent/store settings (model and data are replaced)")
+    ap.add_argument("--codec", default="", help="store.codec override (blosc-zstd | zstd | none)")
+    ap.add_argument("--clevel", type=int, default=None, help="store.clevel override")
+    ap.add_argument("--writes-in-flight", type=int, default=2)
+    ap.add_argument("--object-store-mb", type=int, default=2000)
+    ap.add_argument("--workdir", default="/tmp/kava_cache_build_bench")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    n_gpu = torch.cuda.device_count()
+    if args.actors > 1 and device.type == "cuda" and n_gpu < args.actors:
+        raise SystemExit(f"--actors {args.actors} needs {args.actors} GPUs; this machine has {n_gpu}")
+    print(f"device: {gpu} x{n_gpu or 1}; torch {torch.__version__}; {args.examples} examples per shape", flush=True)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results, lines = [], []
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            raise SystemExit(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+        ckpt = make_checkpoint(shape, work / f"ckpt_{shape}", device)
+        data = make_data(work / f"data_{shape}_{args.examples}.jsonl", args.examples, SHAPES[shape]["vocab_size"])
+        ov1 = overrides(args, ckpt, data, work / f"store_{shape}_1", 1, device)
+        bare = run_bare(args, ov1, device)
+        job = run_job(args, ov1)
+        res = {"shape": shape, "bare": bare, "job": job,
+               "ratio_vs_bare_decoder": job["tokens_per_s"] / bare["decoder_tokens_per_s"],
+               "ratio_vs_bare_causal_lm": job["tokens_per_s"] / bare["causal_lm_tokens_per_s"]}
+        line = (f"[{shape}] {job['examples']} examples, {job['tokens']} tokens | job {job['examples_per_s']:.1f} ex/s "
+                f"{job['tokens_per_s']:,.0f} tok/s (compute {job['compute_s']:.1f} s, write {job['write_s']:.1f} s, "
+                f"overlapped {job['overlap_s']:.1f} s, {job['compression_ratio'] or 0:.2f}x compression) | "
+                f"bare decoder "
+                f"{bare['decoder_examples_per_s']:.1f} ex/s {bare['decoder_tokens_per_s']:,.0f} tok/s | "
+                f"job/bare {res['ratio_vs_bare_decoder']:.3f} (target >= 0.9; vs CausalLM forward "
+                f"{res['ratio_vs_bare_causal_lm']:.3f})")
+        if args.actors > 1:
+            jobk = run_job(args, overrides(args, ckpt, data, work / f"store_{shape}_{args.actors}", args.actors,
+                                           device))
+            res[f"job_{args.actors}_actors"] = jobk
+            res["actor_speedup"] = jobk["tokens_per_s"] / job["tokens_per_s"]
+            line += (f" | {args.actors} actors {jobk['tokens_per_s']:,.0f} tok/s = {res['actor_speedup']:.2f}x of 1 "
+                     f"(target >= {0.9 * args.actors:.1f}x)")
+        results.append(res)
+        lines.append(line)
+        print(line, flush=True)
+    print("\nsummary (" + gpu + "):\n" + "\n".join(lines), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": gpu, "gpus": n_gpu, "args": vars(args), "results": results},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()

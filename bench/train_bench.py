@@ -1,0 +1,372 @@
+"""Training throughput: the `student` stage (targets from a store / memory) vs the `online` (paper) stage at equal
+global batch, interleaved in one run, through the production path: kava_dist.engine.StageModule (student_forward /
+online_step) inside a DeepSpeed ZeRO-2 engine built by kava_dist.engine.build_engine, fed by kava_dist.loader.
+
+Usage:
+    python bench/train_bench.py                               # Llama-3.2-1B then 3B shapes, one GPU, bf16
+    python bench/train_bench.py --shape 1b --global-batch 64 --micro-batch 16 --out bench/results/train_1gpu.json
+    deepspeed --num_gpus 2 bench/train_bench.py --world 2 --shape 1b --compare bench/results/train_1gpu.json
+    python bench/train_bench.py --shape tiny --global-batch 8 --micro-batch 4 --rounds 2   # CPU smoke (fp32)
+    python bench/train_bench.py --targets store               # student reads targets from a local cache_store
+
+Model: Llama-3.2 shapes with random weights (1b: 16 layers, d 2048, 32 q / 8 kv heads, MLP 8192, vocab 128256,
+tied embeddings; 3b: 28 layers, d 3072, 24 / 8 heads), paper settings: LoRA r=128, alpha 32, dropout 0.1 on
+q/k/v/o, projection MLP, M=24 latents, T=3 Jacobi iterations. Synthetic GSM8k-AUG-like lengths (defaults):
+question 100 tokens (BOS included), CoT 150 tokens (the last step already dropped), answer segment 10 tokens
+("The answer is:" 5 + answer 4 + EOS), each of question and CoT drawn uniformly in [0.75, 1.25] x its mean.
+Targets for `student` are produced once by the teacher pass + R-KV eviction of the same model and held as
+CPU bf16 tensors (the form a store read returns), or written to and read back from a local cache_store.
+
+Measurement: `--rounds` rounds after `--warmup` rounds; each round runs `--steps` optimizer steps of each variant
+(the order alternates between rounds); time between CUDA syncs; the median round is reported.
+
+FLOPs (model FLOPs, real tokens only; padding is not counted): for a pass over t tokens with h of them
+through the LM head and P (query, key) attention pairs (causal, real keys), with N = decoder matmul params per
+token, N_l = LoRA params, d = hidden, V = vocab, L = layers, A = q heads x head dim:
+    forward   = 2 t (N + N_l) + 2 h d V + 4 L A P
+    backward  = t (2 N + 4 N_l) + 2 h d V + 8 L A P      (frozen base and head: input gradients only, = 1x fwd;
+                                                           LoRA: input + weight gradients, = 2x fwd)
+so a trained pass costs 3x forward for LoRA/attention and 2x forward for the frozen base. The projection MLP
+(2 d^2 params, trained) adds 6 * 2 d^2 per latent per projection. Passes per example (Q, C, A = real lengths):
+    student: [question + <bot> + M latents] (t = Q+1+M) + T x [M latents] + [<eot> + answer] (t = A+1, h = A+1)
+    online:  teacher [question + CoT + answer] (t = Q+C+A, h = C+A) + the student passes
+MFU = model FLOPs per step / step time / (peak x world). --peak-tflops: H100 SXM dense bf16 = 989.
+Targets: student >= 1.5x online samples/s, student MFU >= 35%; 2 GPUs >= 1.8x one (--compare).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kava_dist import engine as E  # noqa: E402
+from kava_dist.backbone import LatentProjection, add_lora  # noqa: E402
+from kava_dist.config import load_config  # noqa: E402
+from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store  # noqa: E402
+from kava_dist.prompts import Encoded, add_special_tokens, collate  # noqa: E402
+from kava_dist.step import Targets, compute_targets  # noqa: E402
+from kava_dist.teacher import teacher_forward  # noqa: E402
+from kava_dist.tiny import char_tokenizer  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, head_dim=64),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, head_dim=128),
+}
+PROMPT = [40, 41, 42, 43, 26]     # 5 fixed token ids standing in for "The answer is:"
+
+
+def random_backbone(shape: str, cfg, device: torch.device, dtype: torch.dtype):
+    """A random-init Llama of `shape` + KaVa tokens + projection, wrapped in the paper's LoRA (as the trainer does)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = char_tokenizer()
+    special = add_special_tokens(tok)
+    s = dict(SHAPES[shape])
+    s["vocab_size"] = max(s["vocab_size"], len(tok))
+    mc = LlamaConfig(**s, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                     pad_token_id=special.pad, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(mc, dtype=dtype, attn_implementation="sdpa")
+    model.kava_prj = LatentProjection(mc.hidden_size, cfg.latent.projection_dropout).to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    return add_lora(model, special, cfg.lora, cfg.latent), special, mc
+
+
+def synth_examples(n: int, q: int, c: int, a: int, seed: int = 0) -> list[Encoded]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        ql = max(2, int(rng.integers(int(0.75 * q), int(1.25 * q) + 1)))
+        cl = max(1, int(rng.integers(int(0.75 * c), int(1.25 * c) + 1)))
+        ans = rng.integers(3, 95, size=max(1, a - len(PROMPT) - 1)).tolist() + [2]
+        out.append(Encoded(id=i, question_ids=[1] + rng.integers(3, 95, size=ql - 1).tolist(),
+                           cot_ids=rng.integers(3, 95, size=cl).tolist(), prompt_ids=list(PROMPT), answer_ids=ans))
+    return out
+
+
+class MemoryTargetLoader(TokenLoader):
+    """TokenLoader + per-example CPU targets (what a store read returns), stacked per micro-batch in the prefetch
+    thread."""
+
+    def __init__(self, items, targets: dict[int, dict], plan, rank, pad_id):
+        super().__init__(items, plan, rank, pad_id, prefetch=4)
+        self.t = targets
+
+    def _make(self, key):
+        step, micro, idx = key
+        items = [self.encoded[i] for i in idx]
+        rows = [self.t[e.id] for e in items]
+        t = Targets(*(torch.stack([r[k] for r in rows]) for k in ("k", "v", "valid", "codi_h")))
+        return step, micro, collate(items, self.pad_id), t
+
+
+@torch.no_grad()
+def make_targets(model, items, cfg, special, device, bs: int) -> dict[int, dict]:
+    """Teacher pass + eviction over every example once; per-example CPU tensors (K/V bf16, as the store holds)."""
+    model.eval()
+    out = {}
+    for i in range(0, len(items), bs):
+        chunk = items[i:i + bs]
+        b = collate(chunk, special.pad).to(device)
+        t = compute_targets(teacher_forward(model, b, rope=cfg.eviction.rope, with_hidden=True), cfg.eviction,
+                            cfg.latent.num_latents)
+        for j, e in enumerate(chunk):
+            out[e.id] = {"k": t.k_BLHMD[j].to("cpu", torch.bfloat16), "v": t.v_BLHMD[j].to("cpu", torch.bfloat16),
+                         "valid": t.valid_BLHM[j].cpu(), "codi_h": t.codi_BLd[j].to("cpu", torch.bfloat16),
+                         "index": t.index_BLHM[j].to(torch.int16).cpu(), "cot_len": len(e.cot_ids)}
+    model.train()
+    return out
+
+
+def write_store(path: Path, targets: dict[int, dict], cfg, mc) -> None:
+    """Write the targets into a local cache_store (the student then reads them through StoreLoader)."""
+    from cache_store.writer import StoreWriter
+    from kava_dist.targets import store_spec
+
+    hd = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    spec = store_spec(cfg, dims=(mc.num_hidden_layers, mc.num_key_value_heads, hd, mc.hidden_size))
+    ids = sorted(targets)
+    size = spec.shard_size
+    w = StoreWriter.create_or_open(str(path), spec, "bench", {"bench": True}, num_shards=math.ceil(len(ids) / size))
+    for s in range(math.ceil(len(ids) / size)):
+        part = [targets[i] for i in ids[s * size:(s + 1) * size]]
+        w.write_shard(s, {"k": torch.stack([p["k"] for p in part]), "v": torch.stack([p["v"] for p in part]),
+                          "valid": torch.stack([p["valid"] for p in part]),
+                          "codi_h": torch.stack([p["codi_h"] for p in part]),
+                          "index": torch.stack([p["index"] for p in part]),
+                          "example_id": torch.tensor(ids[s * size:(s + 1) * size], dtype=torch.int64),
+                          "cot_len": torch.tensor([p["cot_len"] for p in part], dtype=torch.int32)})
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+class Flops:
+    """Model FLOPs of the passes a step runs (module docstring has the formulas)."""
+
+    def __init__(self, model, mc, cfg):
+        d, L = mc.hidden_size, mc.num_hidden_layers
+        hd = getattr(mc, "head_dim", None) or d // mc.num_attention_heads
+        self.d, self.V, self.L, self.A = d, mc.vocab_size, L, mc.num_attention_heads * hd
+        mm = 0
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name and "lora_" not in name:
+                mm += mod.in_features * mod.out_features
+        self.N = mm                                          # decoder matmul params (frozen), all layers
+        self.Nl = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        self.M, self.T = cfg.latent.num_latents, cfg.latent.num_iterations
+        self.prj = 2 * d * d if cfg.latent.use_projection else 0
+
+    def pass_(self, t: float, h: float, pairs: float) -> float:
+        fwd = 2 * t * (self.N + self.Nl) + 2 * h * self.d * self.V + 4 * self.L * self.A * pairs
+        bwd = t * (2 * self.N + 4 * self.Nl) + 2 * h * self.d * self.V + 8 * self.L * self.A * pairs
+        return fwd + bwd
+
+    def student(self, e: Encoded) -> float:
+        Q, A, M, T = len(e.question_ids), len(e.prompt_ids) + len(e.answer_ids), self.M, self.T
+        n0 = Q + 1 + M
+        f = self.pass_(n0, 0, n0 * (n0 + 1) / 2)
+        f += T * self.pass_(M, 0, M * (Q + 1) + M * (M + 1) / 2)
+        f += self.pass_(A + 1, A + 1, (A + 1) * (Q + 1 + M) + (A + 1) * (A + 2) / 2)
+        return f + 6 * self.prj * M * T
+
+    def teacher(self, e: Encoded) -> float:
+        Q, C, A = len(e.question_ids), len(e.cot_ids), len(e.prompt_ids) + len(e.answer_ids)
+        n = Q + C + A
+        return self.pass_(n, C + A, n * (n + 1) / 2)
+
+    def step(self, variant: str, items: list[Encoded]) -> float:
+        return sum(self.student(e) + (self.teacher(e) if variant == "online" else 0.0) for e in items)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run_block(engine, loader, start: int, steps: int, accum: int, dev) -> float:
+    sync(dev)
+    t0 = time.perf_counter()
+    for _, micro, batch, targets in loader.iterate(start, start + steps):
+        terms = engine(batch.to(dev), targets)
+        engine.backward(terms["loss"])
+        engine.step()
+    sync(dev)
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_shape(shape: str, args, dist) -> list[dict]:
+    dev = dist.device
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and dev.type == "cuda")
+    over = ["lora.r=128", "lora.alpha=32", "lora.dropout=0.1", "latent.num_latents=24", "latent.num_iterations=3",
+            f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}", "train.zero_stage=2",
+            f"train.precision={'bf16' if bf16 else 'fp32'}", "train.warmup_ratio=0", "train.max_steps=100000",
+            "store.dtype=bf16"]
+    if shape == "tiny":
+        over += ["lora.r=8", "lora.alpha=16", "latent.num_latents=6", "latent.num_iterations=2"]
+    cfg = load_config(None, over + args.overrides)
+    tc = cfg.train
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model, special, mc = random_backbone(shape, cfg, dev, dtype)
+    flops = Flops(model, mc, cfg)
+    items = synth_examples(args.pool * tc.global_batch, args.q_len, args.cot_len, args.ans_len, seed=0)
+    plan = GlobalBatchPlan(len(items), tc.global_batch, tc.micro_batch, dist.world_size, seed=0)
+    t_gen = time.perf_counter()
+    targets = make_targets(model, items, cfg, special, dev, tc.micro_batch)
+    t_gen = time.perf_counter() - t_gen
+    tmp = None
+    if args.targets == "store":
+        from cache_store.reader import StoreReader
+
+        tmp = tempfile.TemporaryDirectory(prefix="kava_bench_store_", dir=args.store_dir or None)
+        path = Path(tmp.name) / f"rank{dist.rank}"
+        write_store(path, targets, cfg, mc)
+        reader = StoreReader(str(path))
+        aligned, rows, _ = align_store(reader, items)
+        student_loader = StoreLoader(reader, aligned, rows, plan, dist.rank, special.pad)
+    else:
+        student_loader = MemoryTargetLoader(items, targets, plan, dist.rank, special.pad)
+    loaders = {"student": student_loader, "online": TokenLoader(items, plan, dist.rank, special.pad, prefetch=4)}
+    module = E.StageModule(model, "student", special, cfg)
+    engine = E.build_engine(module, tc, tc.max_steps, dist)
+    engine.train()
+    times: dict[str, list[float]] = {v: [] for v in loaders}
+    mem: dict[str, float] = {v: 0.0 for v in loaders}
+    step = 0
+    for r in range(args.warmup + args.rounds):
+        order = ["student", "online"] if r % 2 == 0 else ["online", "student"]
+        for v in order:
+            module.stage = v
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            dt = run_block(engine, loaders[v], step, args.steps, plan.accum, dev)
+            if dev.type == "cuda":
+                mem[v] = max(mem[v], torch.cuda.max_memory_allocated(dev) / 2**30)
+            if r >= args.warmup:
+                times[v].append(dt)
+        step += args.steps
+    # FLOPs of a global step: mean over the steps of one epoch of the plan (all ranks' examples)
+    step_flops = {v: statistics.mean(flops.step(v, [items[i] for i in plan.global_indices(s)])
+                                     for s in range(plan.steps_per_epoch)) for v in loaders}
+    tokens = statistics.mean(sum(e.teacher_len for e in (items[i] for i in plan.global_indices(s)))
+                             for s in range(plan.steps_per_epoch))
+    out = []
+    for v in loaders:
+        t = statistics.median(times[v])
+        tflops = step_flops[v] / t / 1e12
+        out.append({"shape": shape, "variant": v, "world": dist.world_size, "global_batch": tc.global_batch,
+                    "micro_batch": tc.micro_batch, "accum": plan.accum, "precision": "bf16" if bf16 else "fp32",
+                    "targets": args.targets if v == "student" else "-", "step_s": t, "step_s_all": times[v],
+                    "samples_per_s": tc.global_batch / t, "tokens_per_s": tokens / t,
+                    "model_tflops_per_step": step_flops[v] / 1e12, "achieved_tflops": tflops,
+                    "mfu": tflops / (args.peak_tflops * dist.world_size), "peak_mem_gib": mem[v],
+                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    "lengths": {"question": args.q_len, "cot": args.cot_len, "answer": args.ans_len},
+                    "M": cfg.latent.num_latents, "T": cfg.latent.num_iterations, "lora_r": cfg.lora.r,
+                    "target_gen_s": t_gen})
+    del engine, module, model, loaders, targets
+    if tmp is not None:
+        tmp.cleanup()
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def report(rows: list[dict], args, is_main: bool) -> None:
+    if not is_main:
+        return
+    for r in rows:
+        print(f"[train_bench] shape={r['shape']} world={r['world']} variant={r['variant']:7s} "
+              f"global_batch={r['global_batch']} (micro {r['micro_batch']} x accum {r['accum']} x world {r['world']}) "
+              f"{r['precision']} targets={r['targets']}: step {r['step_s']:.3f} s, {r['samples_per_s']:.1f} samples/s, "
+              f"{r['tokens_per_s']:.0f} tok/s, {r['achieved_tflops']:.3g} TFLOP/s, MFU {100 * r['mfu']:.3g}% "
+              f"(peak {args.peak_tflops:g}), peak mem {r['peak_mem_gib']:.1f} GiB", flush=True)
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        by = {r["variant"]: r for r in rows if r["shape"] == shape}
+        if {"student", "online"} <= set(by):
+            sp = by["student"]["samples_per_s"] / by["online"]["samples_per_s"]
+            print(f"[train_bench] shape={shape} world={by['student']['world']}: student/online = {sp:.2f}x samples/s "
+                  f"(target >= 1.5x: {'PASS' if sp >= 1.5 else 'FAIL'}); student MFU {100 * by['student']['mfu']:.1f}% "
+                  f"(target >= 35%: {'PASS' if by['student']['mfu'] >= 0.35 else 'FAIL'})", flush=True)
+    if args.compare:
+        base = {(r["shape"], r["variant"]): r for r in json.loads(Path(args.compare).read_text())["results"]}
+        for r in rows:
+            b = base.get((r["shape"], r["variant"]))
+            if b and b["world"] != r["world"] and b["global_batch"] == r["global_batch"]:
+                sc = r["samples_per_s"] / b["samples_per_s"]
+                want = 0.9 * r["world"] / b["world"]
+                print(f"[train_bench] shape={r['shape']} variant={r['variant']}: world {r['world']} vs {b['world']} = "
+                      f"{sc:.2f}x samples/s (target >= {want:.1f}x: {'PASS' if sc >= want else 'FAIL'})", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1b,3b", help="comma list of tiny | 1b | 3b (a shape that OOMs is skipped)")
+    ap.add_argument("--global-batch", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2, help="optimizer steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=3, help="measured rounds (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    ap.add_argument("--pool", type=int, default=2, help="distinct examples = pool x global batch")
+    ap.add_argument("--q-len", type=int, default=100)
+    ap.add_argument("--cot-len", type=int, default=150)
+    ap.add_argument("--ans-len", type=int, default=10)
+    ap.add_argument("--targets", choices=("memory", "store"), default="memory")
+    ap.add_argument("--store-dir", default="", help="where --targets store writes (default: the temp dir)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of one device (H100 SXM bf16: 989)")
+    ap.add_argument("--world", type=int, default=1, help="expected number of processes (run under `deepspeed --num_gpus N`)")
+    ap.add_argument("--compare", default="", help="a JSON written by --out with another world size: print the scaling")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="kava config overrides, e.g. latent.num_iterations=2")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dist = E.init_distributed()
+    if dist.world_size != args.world:
+        raise SystemExit(f"--world {args.world} but {dist.world_size} processes: launch with "
+                         f"`deepspeed --num_gpus {args.world} bench/train_bench.py --world {args.world}`.")
+    rows = []
+    for shape in [s.strip() for s in args.shape.split(",") if s.strip()]:
+        if shape not in SHAPES:
+            raise SystemExit(f"--shape {shape}: use one of {', '.join(SHAPES)}.")
+        try:
+            res = bench_shape(shape, args, dist)
+        except torch.OutOfMemoryError as e:
+            if dist.is_main:
+                print(f"[train_bench] shape={shape}: out of memory ({str(e).splitlines()[0]}); skipped. Lower "
+                      "--micro-batch.", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        report(res, args, dist.is_main)
+        rows += res
+    if args.out and dist.is_main:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
