@@ -77,7 +77,7 @@ def make_checkpoint(shape: str, out: Path, device: torch.device) -> Path:
     model.save_pretrained(tmp)
     make_tokenizer(cfg.vocab_size).save_pretrained(tmp)
     tmp.rename(out)
-    print(f"[{shape}] wrote a random-init checkpoint ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
+    print(f"[{shape}] wrote a random-init checkpoint ({sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M "
           f"params, bf16) to {out} in {time.time() - t0:.0f} s", flush=True)
     return out
 

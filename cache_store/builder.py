@@ -212,10 +212,7 @@ def _release_claim_of(writer, shard_id: int, owner: dict) -> None:
     if not owner.get("uuid"):
         return
     try:
-        cm = writer.claims
-        gen, rec = cm._latest(shard_id)
-        if rec and rec.get("state") == "held" and rec.get("owner", {}).get("uuid") == owner["uuid"]:
-            cm._put(shard_id, gen + 1, "released")
+        if writer.claims.release_if_owned_by(shard_id, owner["uuid"]):
             log.info("shard %d: released the claim of dead actor %s:%s", shard_id, owner.get("host"), owner.get("pid"))
     except Exception as e:  # noqa: BLE001 - best effort; the claim then expires after its TTL
         log.warning("shard %d: could not release the dead actor's claim (%s); it expires after its TTL", shard_id, e)
