@@ -127,16 +127,18 @@ def shard_checksums(backend: Backend, spec: StoreSpec, shard_id: int) -> tuple[s
     """(checksum, total bytes, {array: {bytes, sha256}}) of shard `shard_id`'s files.
 
     checksum = sha256 over, per stored array in field order: name, NUL, 8-byte little-endian
-    length, file bytes. A missing file (all rows empty) counts as 0 bytes.
+    length, the sha256 digest of the file's bytes (each file is hashed once). A missing file (all rows
+    empty) counts as 0 bytes.
     """
     total = hashlib.sha256()
     per: dict[str, dict[str, Any]] = {}
     nbytes = 0
     for arr in spec.stored_arrays():
         data = backend.try_read(shard_file_key(arr, shard_id)) or b""
+        digest = hashlib.sha256(data)
         total.update(arr.path.encode() + b"\0" + len(data).to_bytes(8, "little"))
-        total.update(data)
-        per[arr.path] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        total.update(digest.digest())
+        per[arr.path] = {"bytes": len(data), "sha256": digest.hexdigest()}
         nbytes += len(data)
     return total.hexdigest(), nbytes, per
 
