@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU benchmark calls, as run through the device tool (each part is one call, < 10 min):
+#   part 1: tests/gpu, eval throughput, training (student vs online)       (1 GPU)
+#   part 2: cache build job vs bare forward, store read/write on local disk  (1 GPU)
+#   part 3: 2-GPU scaling of the cache build and of training                 (2 GPUs)
+# Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
+# Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
+set -uo pipefail
+part=${1:?usage: gpu_suite.sh 1|2|3}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ ! -d /tmp/site/ray ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+log=$OUT/part$part.log
+run() { echo "=== $*" | tee -a "$log"; "$@" 2>&1 | grep -v -E "WARNING|Warning|warn\(|FutureWarning" >> "$log"; echo "rc=$?" >> "$log"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv >> "$log"
+case $part in
+  1) run python3 -m pytest tests/gpu -q -p no:cacheprovider
+     run python3 bench/eval_bench.py --shape 1b --batch 64 --iters 5 --json "$OUT/eval_bench.json"
+     run python3 bench/train_bench.py --shape 1b,3b --out "$OUT/train_bench.json" ;;
+  2) run python3 bench/cache_build_bench.py --shapes 1b,3b --examples 512 --json "$OUT/cache_build_bench.json"
+     run python3 bench/store_bench.py --dir /tmp/store_bench --gpu-ex-per-s "${GPU_EX_PER_S:-200}" --json "$OUT/store_bench.json" ;;
+  3) run python3 bench/cache_build_bench.py --shapes 1b --examples 512 --actors 2 --json "$OUT/cache_build_2gpu.json"
+     run python3 bench/train_bench.py --shape 1b --out "$OUT/train_1gpu.json"
+     run deepspeed --num_gpus 2 bench/train_bench.py --shape 1b --world 2 --compare "$OUT/train_1gpu.json" --out "$OUT/train_2gpu.json" ;;
+esac
+tail -n 60 "$log"
