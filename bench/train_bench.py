@@ -4,9 +4,9 @@ online_step) inside a DeepSpeed ZeRO-2 engine built by kava_dist.engine.build_en
 
 Usage:
     python bench/train_bench.py                               # Llama-3.2-1B then 3B shapes, one GPU, bf16
-    python bench/train_bench.py --shape 1b --global-batch 64 --micro-batch 16 --out bench/results/train_1gpu.json
+    python bench/train_bench.py --shape 1b --global-batch 64 --out bench/results/train_1gpu.json
     deepspeed --num_gpus 2 bench/train_bench.py --world 2 --shape 1b --compare bench/results/train_1gpu.json
-    python bench/train_bench.py --shape tiny --global-batch 8 --micro-batch 4 --rounds 2   # CPU smoke (fp32)
+    python bench/train_bench.py --shape tiny --global-batch 8 --rounds 2          # CPU smoke (fp32)
     python bench/train_bench.py --targets store               # student reads targets from a local cache_store
 
 Model: Llama-3.2 shapes with random weights (1b: 16 layers, d 2048, 32 q / 8 kv heads, MLP 8192, vocab 128256,
@@ -17,8 +17,11 @@ question 100 tokens (BOS included), CoT 150 tokens (the last step already droppe
 Targets for `student` are produced once by the teacher pass + R-KV eviction of the same model and held as
 CPU bf16 tensors (the form a store read returns), or written to and read back from a local cache_store.
 
-Measurement: `--rounds` rounds after `--warmup` rounds; each round runs `--steps` optimizer steps of each variant
-(the order alternates between rounds); time between CUDA syncs; the median round is reported.
+Measurement: each variant has its own engine (a model copy with the same init) so it can use its own
+micro-batch at the same global batch (student 64 / online 32 on 1b, 32 / 16 on 3b, to fit 80 GB). `--rounds`
+rounds after `--warmup` rounds; each round runs `--steps` optimizer steps of each variant (the order alternates
+between rounds); time between CUDA syncs; the median round is reported. `--compile` torch.compiles each decoder
+layer (kava_dist.engine.compile_decoder_layers).
 
 FLOPs (model FLOPs, real tokens only; padding is not counted): for a pass over t tokens with h of them
 through the LM head and P (query, key) attention pairs (causal, real keys), with N = decoder matmul params per
@@ -68,6 +71,7 @@ SHAPES = {
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, vocab_size=128256, head_dim=128),
 }
+MICRO = {"tiny": (4, 4), "1b": (64, 32), "3b": (32, 16)}   # (student, online) micro-batches that fit 80 GB
 PROMPT = [40, 41, 42, 43, 26]     # 5 fixed token ids standing in for "The answer is:"
 
 
@@ -215,76 +219,87 @@ def run_block(engine, loader, start: int, steps: int, accum: int, dev) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def bench_shape(shape: str, args, dist) -> list[dict]:
-    dev = dist.device
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and dev.type == "cuda")
+def bench_cfg(shape: str, args, micro: int, bf16: bool):
     over = ["lora.r=128", "lora.alpha=32", "lora.dropout=0.1", "latent.num_latents=24", "latent.num_iterations=3",
-            f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}", "train.zero_stage=2",
+            f"train.global_batch={args.global_batch}", f"train.micro_batch={micro}", "train.zero_stage=2",
             f"train.precision={'bf16' if bf16 else 'fp32'}", "train.warmup_ratio=0", "train.max_steps=100000",
             "store.dtype=bf16"]
     if shape == "tiny":
         over += ["lora.r=8", "lora.alpha=16", "latent.num_latents=6", "latent.num_iterations=2"]
-    cfg = load_config(None, over + args.overrides)
-    tc = cfg.train
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    model, special, mc = random_backbone(shape, cfg, dev, dtype)
-    flops = Flops(model, mc, cfg)
-    items = synth_examples(args.pool * tc.global_batch, args.q_len, args.cot_len, args.ans_len, seed=0)
-    plan = GlobalBatchPlan(len(items), tc.global_batch, tc.micro_batch, dist.world_size, seed=0)
-    t_gen = time.perf_counter()
-    targets = make_targets(model, items, cfg, special, dev, tc.micro_batch)
-    t_gen = time.perf_counter() - t_gen
-    tmp = None
-    if args.targets == "store":
-        from cache_store.reader import StoreReader
+    return load_config(None, over + args.overrides)
 
-        tmp = tempfile.TemporaryDirectory(prefix="kava_bench_store_", dir=args.store_dir or None)
-        path = Path(tmp.name) / f"rank{dist.rank}"
-        write_store(path, targets, cfg, mc)
-        reader = StoreReader(str(path))
-        aligned, rows, _ = align_store(reader, items)
-        student_loader = StoreLoader(reader, aligned, rows, plan, dist.rank, special.pad)
-    else:
-        student_loader = MemoryTargetLoader(items, targets, plan, dist.rank, special.pad)
-    loaders = {"student": student_loader, "online": TokenLoader(items, plan, dist.rank, special.pad, prefetch=4)}
-    module = E.StageModule(model, "student", special, cfg)
-    engine = E.build_engine(module, tc, tc.max_steps, dist)
-    engine.train()
-    times: dict[str, list[float]] = {v: [] for v in loaders}
-    mem: dict[str, float] = {v: 0.0 for v in loaders}
+
+def bench_shape(shape: str, args, dist) -> list[dict]:
+    """One engine (own model copy, same init) per variant, so each can run its own micro-batch at the same
+    global batch; the variants' blocks are interleaved."""
+    dev = dist.device
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and dev.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    micro = {"student": args.micro_batch or MICRO[shape][0], "online": args.online_micro_batch or MICRO[shape][1]}
+    cfgs = {v: bench_cfg(shape, args, micro[v], bf16) for v in variants}
+    cfg0 = next(iter(cfgs.values()))
+    items = synth_examples(args.pool * args.global_batch, args.q_len, args.cot_len, args.ans_len, seed=0)
+    plans = {v: GlobalBatchPlan(len(items), args.global_batch, micro[v], dist.world_size, seed=0) for v in variants}
+    engines, loaders, tmp, t_gen = {}, {}, None, 0.0
+    for v in variants:
+        model, special, mc = random_backbone(shape, cfgs[v], dev, dtype)
+        flops = Flops(model, mc, cfg0)
+        if v == "student":
+            t_gen = time.perf_counter()
+            targets = make_targets(model, items, cfg0, special, dev, micro[v])
+            t_gen = time.perf_counter() - t_gen
+            if args.targets == "store":
+                from cache_store.reader import StoreReader
+
+                tmp = tempfile.TemporaryDirectory(prefix="kava_bench_store_", dir=args.store_dir or None)
+                path = Path(tmp.name) / f"rank{dist.rank}"
+                write_store(path, targets, cfg0, mc)
+                reader = StoreReader(str(path))
+                aligned, rows, _ = align_store(reader, items)
+                loaders[v] = StoreLoader(reader, aligned, rows, plans[v], dist.rank, special.pad)
+            else:
+                loaders[v] = MemoryTargetLoader(items, targets, plans[v], dist.rank, special.pad)
+        else:
+            loaders[v] = TokenLoader(items, plans[v], dist.rank, special.pad, prefetch=4)
+        if args.compile:
+            E.compile_decoder_layers(model)
+        engines[v] = E.build_engine(E.StageModule(model, v, special, cfgs[v]), cfgs[v].train, 100000, dist)
+        engines[v].train()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    mem: dict[str, float] = {v: 0.0 for v in variants}
     step = 0
     for r in range(args.warmup + args.rounds):
-        order = ["student", "online"] if r % 2 == 0 else ["online", "student"]
-        for v in order:
-            module.stage = v
+        for v in variants if r % 2 == 0 else variants[::-1]:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            dt = run_block(engine, loaders[v], step, args.steps, plan.accum, dev)
+            dt = run_block(engines[v], loaders[v], step, args.steps, plans[v].accum, dev)
             if dev.type == "cuda":
                 mem[v] = max(mem[v], torch.cuda.max_memory_allocated(dev) / 2**30)
             if r >= args.warmup:
                 times[v].append(dt)
         step += args.steps
     # FLOPs of a global step: mean over the steps of one epoch of the plan (all ranks' examples)
+    plan = plans[variants[0]]
     step_flops = {v: statistics.mean(flops.step(v, [items[i] for i in plan.global_indices(s)])
-                                     for s in range(plan.steps_per_epoch)) for v in loaders}
+                                     for s in range(plan.steps_per_epoch)) for v in variants}
     tokens = statistics.mean(sum(e.teacher_len for e in (items[i] for i in plan.global_indices(s)))
                              for s in range(plan.steps_per_epoch))
     out = []
-    for v in loaders:
+    for v in variants:
         t = statistics.median(times[v])
         tflops = step_flops[v] / t / 1e12
-        out.append({"shape": shape, "variant": v, "world": dist.world_size, "global_batch": tc.global_batch,
-                    "micro_batch": tc.micro_batch, "accum": plan.accum, "precision": "bf16" if bf16 else "fp32",
+        out.append({"shape": shape, "variant": v, "world": dist.world_size, "global_batch": args.global_batch,
+                    "micro_batch": micro[v], "accum": plans[v].accum, "precision": "bf16" if bf16 else "fp32",
                     "targets": args.targets if v == "student" else "-", "step_s": t, "step_s_all": times[v],
-                    "samples_per_s": tc.global_batch / t, "tokens_per_s": tokens / t,
+                    "samples_per_s": args.global_batch / t, "tokens_per_s": tokens / t,
                     "model_tflops_per_step": step_flops[v] / 1e12, "achieved_tflops": tflops,
                     "mfu": tflops / (args.peak_tflops * dist.world_size), "peak_mem_gib": mem[v],
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "lengths": {"question": args.q_len, "cot": args.cot_len, "answer": args.ans_len},
-                    "M": cfg.latent.num_latents, "T": cfg.latent.num_iterations, "lora_r": cfg.lora.r,
-                    "target_gen_s": t_gen})
-    del engine, module, model, loaders, targets
+                    "M": cfg0.latent.num_latents, "T": cfg0.latent.num_iterations, "lora_r": cfg0.lora.r,
+                    "compile": args.compile, "target_gen_s": t_gen})
+    del engines, loaders
     if tmp is not None:
         tmp.cleanup()
     gc.collect()
@@ -301,7 +316,8 @@ def report(rows: list[dict], args, is_main: bool) -> None:
               f"global_batch={r['global_batch']} (micro {r['micro_batch']} x accum {r['accum']} x world {r['world']}) "
               f"{r['precision']} targets={r['targets']}: step {r['step_s']:.3f} s, {r['samples_per_s']:.1f} samples/s, "
               f"{r['tokens_per_s']:.0f} tok/s, {r['achieved_tflops']:.3g} TFLOP/s, MFU {100 * r['mfu']:.3g}% "
-              f"(peak {args.peak_tflops:g}), peak mem {r['peak_mem_gib']:.1f} GiB", flush=True)
+              f"(peak {args.peak_tflops:g}), peak mem {r['peak_mem_gib']:.1f} GiB (both variants' models resident)",
+              flush=True)
     for shape in dict.fromkeys(r["shape"] for r in rows):
         by = {r["variant"]: r for r in rows if r["shape"] == shape}
         if {"student", "online"} <= set(by):
@@ -324,7 +340,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1b,3b", help="comma list of tiny | 1b | 3b (a shape that OOMs is skipped)")
     ap.add_argument("--global-batch", type=int, default=64)
-    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="micro-batch of the student variant (0 = per shape: tiny 4, 1b 64, 3b 32)")
+    ap.add_argument("--online-micro-batch", type=int, default=0, help="micro-batch of the online variant, whose "
+                    "teacher pass needs more activation memory (0 = per shape: tiny 4, 1b 32, 3b 16)")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per variant per round")
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
@@ -336,6 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--store-dir", default="", help="where --targets store writes (default: the temp dir)")
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 on GPU, fp32 on CPU")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of one device (H100 SXM bf16: 989)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic shapes)")
+    ap.add_argument("--variants", default="student,online", help="which variants to measure")
     ap.add_argument("--world", type=int, default=1, help="expected number of processes (run under `deepspeed --num_gpus N`)")
     ap.add_argument("--compare", default="", help="a JSON written by --out with another world size: print the scaling")
     ap.add_argument("--out", default="", help="write the results as JSON here")

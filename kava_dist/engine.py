@@ -197,6 +197,17 @@ class StageModule(torch.nn.Module):
         return offline_step(self.model, batch, self.special, targets, self.cfg)
 
 
+def compile_decoder_layers(model, dynamic: bool = True) -> int:
+    """torch.compile every decoder layer in place (nn.Module.compile), to cut the kernel-launch overhead of the
+    many small passes of the student step. Returns the number of layers compiled."""
+    from kava_dist.backbone import decoder_layers
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=dynamic)
+    return len(layers)
+
+
 def unwrap(engine_or_module):
     """The peft model inside a DeepSpeed engine and/or StageModule."""
     m = getattr(engine_or_module, "module", engine_or_module)
