@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 
 log = logging.getLogger("kava.demo")
 
-FULL = dict(n_train=12000, n_test=300, teacher_steps=600, student_steps=300, batch=64, latents=8)
+FULL = dict(n_train=12000, n_test=300, teacher_steps=600, student_steps=150, batch=64, latents=8)
 QUICK = dict(n_train=800, n_test=40, teacher_steps=30, student_steps=6, batch=32, latents=6)
 
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                   "weight_decay": 0.0, "warmup_ratio": 0.05, "log_every": 10, "seed": args.seed},
         "eval": {"datasets": [str(test_path)], "batch_size": 100, "max_new_tokens": 8, "cot_max_new_tokens": 64},
         "store": {"path": str(out / "store"), "dtype": "bf16", "shard_examples": 2048},
-        "build": {"batch_size": 64, "object_store_mb": 300},
+        "build": {"batch_size": 64, "object_store_mb": 300, "cpus_per_actor": 2},
     }
     extra = list(args.overrides)
 

@@ -137,16 +137,19 @@ class TeacherTargets:
         batch = collate(items, self.special.pad).to(self.device)
         tout = teacher_forward(self.teacher, batch, rope=self.cfg.eviction.rope, with_hidden=True)
         t = compute_targets(tout, self.cfg.eviction, self.cfg.latent.num_latents)
-        out = {k: v.cpu() for k, v in t.as_arrays().items()}
+        # Cast to the stored dtype and check finiteness on the device, then one copy per field to the host:
+        # the actor holds a single CPU thread, so host-side float conversions would cost more than the forward.
+        kv_dtype = STORE_TORCH_DTYPE.get(self.cfg.store.dtype, torch.bfloat16)   # int8/int4 quantise from bf16
+        arrays = t.as_arrays()
+        arrays["k"], arrays["v"] = arrays["k"].to(kv_dtype), arrays["v"].to(kv_dtype)
+        arrays["codi_h"] = arrays["codi_h"].to(torch.float32 if self.cfg.store.dtype == "fp32" else torch.bfloat16)
         bad = [i for i, e in enumerate(items) if e.id in self._nan_ids]
         if bad:                                                          # fault injection (tests)
-            out["k"] = out["k"].clone()
-            out["k"][bad] = float("nan")
-        kv_dtype = STORE_TORCH_DTYPE.get(self.cfg.store.dtype, torch.bfloat16)   # int8/int4 quantise from bf16
-        out["k"], out["v"] = out["k"].to(kv_dtype), out["v"].to(kv_dtype)
-        out["codi_h"] = out["codi_h"].to(torch.float32 if self.cfg.store.dtype == "fp32" else torch.bfloat16)
-        if not (torch.isfinite(out["k"].float()).all() and torch.isfinite(out["v"].float()).all()):
+            arrays["k"] = arrays["k"].clone()
+            arrays["k"][bad] = float("nan")
+        if not bool(torch.isfinite(arrays["k"]).all() & torch.isfinite(arrays["v"]).all()):
             raise FloatingPointError("teacher produced non-finite K/V")
+        out = {k: v.cpu() for k, v in arrays.items()}
         out["example_id"] = batch.ids.cpu()
         out["cot_len"] = batch.cot_mask.sum(1).to(torch.int32).cpu()
         return out
