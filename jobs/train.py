@@ -33,7 +33,7 @@ def parse(argv=None):
     ap.add_argument("--help-config", action="store_true", help="print every config field and exit")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="section.key=value")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def setup_logging(rank: int) -> None:

@@ -90,7 +90,6 @@ class Trainer:
         self.reader = open_store_checked(cfg) if tc.stage == "student" else None    # fail fast, before the model
         if dist.is_main:
             self.rd.root.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.rd.config)
         seed_everything(tc.seed)
         self.bf16 = E.use_bf16(tc, dist.device)
         mcfg = replace(cfg.model, dtype="bfloat16" if self.bf16 else "float32")
@@ -121,6 +120,8 @@ class Trainer:
         if tc.resume:
             self.start_step, _ = E.load_checkpoint(self.engine, self.rd.root, cfg)
             log.info("resumed %s at step %d of %d", self.rd.root, self.start_step, self.total_steps)
+        if dist.is_main:   # only now: a refused resume must not overwrite the run's config
+            save_config(cfg, self.rd.config)
         self.valid = self._valid_batches() if tc.eval_every else []
         self.tb = None
         if dist.is_main:
