@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark calls, as run through the device tool (each part is one call, < 10 min):
-#   part 1: tests/gpu, eval throughput, training (student vs online)       (1 GPU)
+#   part 1: tests/gpu, eval throughput, training (student vs online), cache build 1B again (1 GPU)
 #   part 2: cache build job vs bare forward, store read/write on local disk  (1 GPU)
 #   part 3: 2-GPU scaling of the cache build and of training                 (2 GPUs)
 # Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
@@ -20,7 +20,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv >> "$log"
 case $part in
   1) run python3 -m pytest tests/gpu -q -p no:cacheprovider
      run python3 bench/eval_bench.py --shape 1b --batch 64 --iters 5 --json "$OUT/eval_bench.json"
-     run python3 bench/train_bench.py --shape 1b,3b --out "$OUT/train_bench.json" ;;
+     run python3 bench/train_bench.py --shape 1b,3b --rounds 3 --out "$OUT/train_bench.json"
+     run python3 bench/cache_build_bench.py --shapes 1b --examples 512 --json "$OUT/cache_build_bench_1b.json" ;;
   2) run python3 bench/cache_build_bench.py --shapes 1b,3b --examples 512 --json "$OUT/cache_build_bench.json"
      run python3 bench/store_bench.py --dir /tmp/store_bench --gpu-ex-per-s "${GPU_EX_PER_S:-200}" --json "$OUT/store_bench.json" ;;
   3) run python3 bench/cache_build_bench.py --shapes 1b --examples 512 --actors 2 --json "$OUT/cache_build_2gpu.json"
