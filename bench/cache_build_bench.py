@@ -37,13 +37,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.shapes import LLAMA_1B, LLAMA_3B  # noqa: E402
+
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=1024),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, head_dim=64),
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-               num_key_value_heads=8, vocab_size=128256, head_dim=128),
+    "1b": LLAMA_1B,
+    "3b": LLAMA_3B,
 }
 ANSWER_PROMPT = " ".join(f"w{i}" for i in range(3, 11))   # 8 tokens; + number + EOS = 10
 

@@ -63,13 +63,13 @@ from kava_dist.step import Targets, compute_targets  # noqa: E402
 from kava_dist.teacher import teacher_forward  # noqa: E402
 from kava_dist.tiny import char_tokenizer  # noqa: E402
 
+from bench.shapes import LLAMA_1B, LLAMA_3B  # noqa: E402
+
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=128),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, head_dim=64),
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-               num_key_value_heads=8, vocab_size=128256, head_dim=128),
+    "1b": LLAMA_1B,
+    "3b": LLAMA_3B,
 }
 MICRO = {"tiny": (4, 4), "1b": (64, 32), "3b": (32, 16)}   # (student, online) micro-batches that fit 80 GB
 PROMPT = [40, 41, 42, 43, 26]     # 5 fixed token ids standing in for "The answer is:"
