@@ -456,13 +456,14 @@ def validate(cfg: KavaConfig) -> None:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" Did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}.{hint}")
-    positive = ["latent.num_latents", "latent.num_iterations", "lora.r", "train.global_batch",
+    positive = ["latent.num_latents", "latent.num_iterations", "lora.r", "train.global_batch", "train.log_every",
                 "train.micro_batch", "build.batch_size", "eval.batch_size", "eval.max_new_tokens", "data.max_tokens"]
     for name in positive:
         if get_field(cfg, name) < 1:
             raise ConfigError(f"{name}={get_field(cfg, name)} must be >= 1.")
     nonneg = ["loss.student_ce", "loss.teacher_ce", "loss.offline_teacher_ce", "loss.alpha_codi", "loss.alpha_kv", "train.lr",
-              "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit"]
+              "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit",
+              "train.stop_at_step", "train.keep_checkpoints", "train.save_every", "train.eval_every"]
     for name in nonneg:
         if get_field(cfg, name) < 0:
             raise ConfigError(f"{name}={get_field(cfg, name)} must be >= 0.")
