@@ -17,6 +17,7 @@ off reproduces PCCoT (no mask, column positions). Gradients flow through every p
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,7 @@ def cache_kv(cache, upto: int | None = None, start: int = 0) -> list[tuple[torch
 
 @dataclass
 class _Prefix:
-    q_cache: list[tuple[torch.Tensor, torch.Tensor]]
-    z0_BMd: torch.Tensor
     lat_mask: torch.Tensor       # [B, Q+1+M] mask over question + <bot> + latents
-    lat_pos: torch.Tensor        # [B, M] position ids of the latents
     qlen: torch.Tensor           # [B] real question tokens
 
 
@@ -90,19 +88,15 @@ def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentC
     for t in range(T):
         inputs = z_BMd
         last = t == T - 1
-        if last and pre_rope_hook is not None:
-            with pre_rope_hook():
-                out = decoder(inputs_embeds=inputs, attention_mask=lat_mask, position_ids=lat_pos,
-                              past_key_values=make_cache(q_cache), use_cache=True)
-        else:
+        hook = pre_rope_hook() if last and pre_rope_hook is not None else nullcontext()
+        with hook:
             out = decoder(inputs_embeds=inputs, attention_mask=lat_mask, position_ids=lat_pos,
                           past_key_values=make_cache(q_cache), use_cache=True)
         cache = out.past_key_values
         if not last:
             p_BMd = prj(out.last_hidden_state)
             z_BMd = torch.cat([z_BMd[:, :1], p_BMd[:, :-1]], dim=1)
-    prefix = _Prefix(q_cache=q_cache, z0_BMd=z_BMd, lat_mask=mask, lat_pos=pos[:, Q + 1:],
-                     qlen=batch.q_mask.sum(1))
+    prefix = _Prefix(lat_mask=mask, qlen=batch.q_mask.sum(1))
     return prefix, cache, z_BMd
 
 

@@ -24,7 +24,6 @@ import math
 import os
 import traceback
 
-import numpy as np
 import torch
 
 from kava_dist.config import KavaConfig, config_from_dict
@@ -180,7 +179,3 @@ class TeacherTargets:
 def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Concatenate batches; pad nothing: every field has a fixed per-example shape."""
     return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
-
-
-def as_numpy_ids(items: list[Encoded]) -> np.ndarray:
-    return np.array([e.id for e in items], dtype=np.int64)
