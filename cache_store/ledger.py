@@ -127,6 +127,37 @@ def _parse(raw: bytes, where: str) -> dict[str, Any]:
         raise ValueError(f"{where} is not valid JSON ({e}); the ledger object is damaged, restore it from a backup") from e
 
 
+class StoreView:
+    """Read-only accessors over `self.backend` and `self.record`, shared by StoreReader and StoreWriter."""
+
+    backend: Backend
+    record: StoreRecord
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    @property
+    def fingerprint(self) -> str:
+        return self.record.fingerprint
+
+    @property
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return self.record.fingerprint_fields
+
+    @property
+    def spec(self) -> StoreSpec:
+        return self.record.spec
+
+    @property
+    def num_shards(self) -> int:
+        return self.record.num_shards
+
+    @property
+    def shard_size(self) -> int:
+        return self.record.shard_size
+
+
 class Ledger:
     """Reads and publishes ledger objects through a Backend. Shard records are cached (immutable)."""
 

@@ -50,10 +50,9 @@ import torch
 from cache_store.backend import open_backend
 from cache_store.errors import CorruptShard, FingerprintMismatch, StoreNotFound
 from cache_store.fast_read import ChunkCorrupt, FastChunkReader
-from cache_store.ledger import STORE_RECORD, Ledger, ShardRecord, StoreRecord
+from cache_store.ledger import STORE_RECORD, Ledger, ShardRecord, StoreRecord, StoreView
 from cache_store.quant import dequantize as _dequantize
 from cache_store.quant import dequantize_torch
-from cache_store.spec import StoreSpec
 from cache_store.writer import fingerprint_mismatch_message, get_meta
 from cache_store.zarr_io import corrupt_arrays, ensure_arrays, read_rows, shard_checksums
 
@@ -62,7 +61,7 @@ logger = logging.getLogger(__name__)
 _END = object()
 
 
-class StoreReader:
+class StoreReader(StoreView):
     def __init__(
         self, url: str, storage_options: dict[str, Any] | None = None, expected_fingerprint: str | None = None,
         verify: bool = False, expected_fingerprint_fields: dict[str, Any] | None = None, fast_read: bool = True,
@@ -107,31 +106,7 @@ class StoreReader:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(*state["args"])  # type: ignore[misc]
 
-    # -- metadata -------------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return self.backend.url
-
-    @property
-    def fingerprint(self) -> str:
-        return self.record.fingerprint
-
-    @property
-    def fingerprint_fields(self) -> dict[str, Any]:
-        return self.record.fingerprint_fields
-
-    @property
-    def spec(self) -> StoreSpec:
-        return self.record.spec
-
-    @property
-    def num_shards(self) -> int:
-        return self.record.num_shards
-
-    @property
-    def shard_size(self) -> int:
-        return self.record.shard_size
-
+    # -- metadata (url, fingerprint, fingerprint_fields, spec, num_shards, shard_size: StoreView) ---
     def get_meta(self, name: str, default: Any = None) -> Any:
         return get_meta(self.backend, name, default)
 

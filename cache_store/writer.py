@@ -48,7 +48,7 @@ from cache_store._util import diff_fields, format_diff, hostname, json_roundtrip
 from cache_store.backend import Backend, open_backend
 from cache_store.claims import ClaimManager
 from cache_store.errors import FingerprintMismatch, LedgerConflict, ShardClaimed, SpecMismatch
-from cache_store.ledger import Ledger, ShardRecord, StoreRecord
+from cache_store.ledger import Ledger, ShardRecord, StoreRecord, StoreView
 from cache_store.quant import bf16_bits_to_float32, quantize
 from cache_store.spec import FLOAT_DTYPES, FieldSpec, StoreSpec
 from cache_store.zarr_io import ensure_arrays, shard_checksums, shard_file_key, write_shard_block
@@ -131,7 +131,7 @@ def _fault(point: str, shard_id: int) -> None:
         time.sleep(600)
 
 
-class StoreWriter:
+class StoreWriter(StoreView):
     """Writes shards of one store. Build with `create_or_open`."""
 
     def __init__(self, backend: Backend, record: StoreRecord, claim_ttl_s: float = 1800.0) -> None:
@@ -194,27 +194,7 @@ class StoreWriter:
                 "the shard plan is fixed at creation. Use the same num_shards or a new store path."
             )
 
-    # -- properties -----------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return self.backend.url
-
-    @property
-    def spec(self) -> StoreSpec:
-        return self.record.spec
-
-    @property
-    def fingerprint(self) -> str:
-        return self.record.fingerprint
-
-    @property
-    def num_shards(self) -> int:
-        return self.record.num_shards
-
-    @property
-    def shard_size(self) -> int:
-        return self.record.shard_size
-
+    # -- properties (url, fingerprint, spec, num_shards, shard_size: StoreView) ------------------
     def done_shards(self) -> list[int]:
         return self.ledger.published_shard_ids()
 
