@@ -192,12 +192,14 @@ class LocalBackend(Backend):
         return LocalStore(self.root, read_only=read_only)
 
     def prepare_rewrite(self, rel_dir: str, name_prefix: str) -> None:
-        # zarr's LocalStore writes "<name>.<uuid>.partial" then renames; a killed writer leaves them.
+        # zarr's LocalStore writes "<name>.<uuid>.partial" and _write_tmp ".<name>.<uuid>.tmp", then rename;
+        # a writer killed in between leaves them. Only the shard's claim holder calls this.
         d = self._p(rel_dir)
         if not d.is_dir():
             return
         for n in os.listdir(d):
-            if n.startswith(name_prefix + ".") and n.endswith(".partial"):
+            if (n.startswith(name_prefix + ".") and n.endswith(".partial")) or (
+                    n.startswith(f".{name_prefix}.") and n.endswith(".tmp")):
                 (d / n).unlink(missing_ok=True)
 
     def sync_file(self, rel: str) -> None:

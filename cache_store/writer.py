@@ -48,7 +48,7 @@ from cache_store._util import diff_fields, format_diff, hostname, json_roundtrip
 from cache_store.backend import Backend, open_backend
 from cache_store.claims import ClaimManager
 from cache_store.errors import FingerprintMismatch, LedgerConflict, ShardClaimed, SpecMismatch
-from cache_store.ledger import Ledger, ShardRecord, StoreRecord, StoreView
+from cache_store.ledger import Ledger, ShardRecord, StoreRecord, StoreView, shard_record_path
 from cache_store.quant import bf16_bits_to_float32, quantize
 from cache_store.spec import FLOAT_DTYPES, FieldSpec, StoreSpec
 from cache_store.zarr_io import ensure_arrays, shard_checksums, shard_file_key, write_shard_block
@@ -255,6 +255,8 @@ class StoreWriter(StoreView):
             return None
         if rec.content_sha256 == content_sha:
             logger.info("shard %d already published with the same content; nothing to do", shard_id)
+            # a publisher killed between linking the record and removing its temp file leaves the temp file
+            self.backend.prepare_rewrite(*shard_record_path(shard_id).rsplit("/", 1))
             return rec
         raise LedgerConflict(
             f"shard {shard_id} of store {self.url} is already published with different content "
@@ -280,6 +282,7 @@ class StoreWriter(StoreView):
             if done is not None:
                 return done
             t0 = time.perf_counter()
+            self.backend.prepare_rewrite(*shard_record_path(shard_id).rsplit("/", 1))  # a killed publisher's temp file
             blocks = self._blocks(data, rows)
             for i, arr in enumerate(self.spec.stored_arrays()):
                 key = shard_file_key(arr, shard_id)

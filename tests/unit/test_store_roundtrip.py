@@ -303,3 +303,21 @@ def test_per_field_codec_override(tmp_path: Path) -> None:
     with pytest.raises(SpecMismatch, match=r"fields\.k\.codec"):
         make(tmp_path, spec=StoreSpec(fields=(FieldSpec("k", (2, 2, 24, 16), "bfloat16", quant="int8",
                                                         quant_reduce_axes=(2,)), spec.fields[1]), shard_size=S))
+
+
+def test_killed_publisher_temp_files_are_removed(tmp_path: Path) -> None:
+    """A writer killed while publishing a record leaves `.shard-N.json.<uuid>.tmp`; the next writer of that shard
+    removes it, whether the kill came before the record was linked (rewrite) or after (already published)."""
+    w = make(tmp_path)
+    ledger = tmp_path / "store" / "ledger"
+    ledger.mkdir(parents=True, exist_ok=True)
+    before = ledger / ".shard-000001.json.deadbeef.tmp"  # killed before the link: shard 1 is rewritten
+    before.write_bytes(b"{}")
+    w.write_shard(1, data_exact(S, 1))
+    assert not before.exists()
+    after = ledger / ".shard-000001.json.cafef00d.tmp"  # killed after the link: shard 1 is already published
+    after.write_bytes(b"{}")
+    other = ledger / ".shard-000002.json.0123.tmp"  # another shard's temp file belongs to that shard's writer
+    other.write_bytes(b"{}")
+    make(tmp_path).write_shard(1, data_exact(S, 1))
+    assert not after.exists() and other.exists()
