@@ -41,7 +41,8 @@ class ModelConfig:
     teacher_adapter: str = ""
     """peft adapter dir of the CoT-fine-tuned teacher (output of `train.stage=teacher`); empty = base model."""
     student_init_adapter: str = ""
-    """Initialise the student's LoRA/projection/token weights from this adapter dir (empty = fresh LoRA)."""
+    """Initialise the trained weights (LoRA/projection/new tokens) of a student, online or nocot run from this
+    adapter dir, e.g. the teacher's (empty = fresh LoRA on the base model)."""
 
 
 @dataclass

@@ -94,7 +94,7 @@ class Trainer:
         self.bf16 = E.use_bf16(tc, dist.device)
         mcfg = replace(cfg.model, dtype="bfloat16" if self.bf16 else "float32")
         model, self.tokenizer, self.special = load_backbone(mcfg, latent=cfg.latent, device=dist.device)
-        init = cfg.model.student_init_adapter if tc.stage in ("student", "online") else ""
+        init = cfg.model.student_init_adapter if tc.stage in ("student", "online", "nocot") else ""
         model = load_adapter(model, init, trainable=True) if init else add_lora(model, self.special, cfg.lora, cfg.latent)
         examples, report = load_examples(cfg.data.train_path, cfg.data.cot_style, cfg.data.numeric_answer, cfg.data.limit)
         encoded, report = encode_examples(examples, self.tokenizer, cfg.data.answer_prompt, cfg.data.drop_last_step,

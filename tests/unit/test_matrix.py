@@ -1,0 +1,108 @@
+"""jobs.matrix: plan loading, dependency order, failure propagation, `always` jobs, the deadline, resume."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.matrix import Matrix, PlanError, load_plan
+
+
+def write_plan(tmp_path: Path, jobs: list[dict], **top) -> Path:
+    p = tmp_path / "plan.yaml"
+    p.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "slots": 2, **top, "jobs": jobs}))
+    return p
+
+
+def py(code: str) -> list[str]:
+    return ["python", "-c", code]
+
+
+def touch(name: str) -> list[str]:
+    """A job that appends its name to {out}/order.txt (the order jobs ran in)."""
+    return py(f"open(r'{{out}}/order.txt', 'a').write('{name}\\n')")
+
+
+def run(plan: Path, **kw) -> tuple[int, dict]:
+    out, slots, jobs = load_plan(plan, kw.pop("var", []), kw.pop("sets", []))
+    rc = Matrix(out, slots, jobs, kw.get("deadline_s"), kw.get("reserve_s", 0.0)).run(poll_s=0.05)
+    doc = json.loads((out / "matrix.json").read_text())
+    return rc, {j["name"]: j for j in doc["jobs"]}
+
+
+def test_order_failure_skip_and_always(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, [
+        {"name": "a", "kind": "cmd", "run": touch("a")},
+        {"name": "b", "kind": "cmd", "after": ["a"], "run": touch("b")},
+        {"name": "bad", "kind": "cmd", "after": ["a"], "run": py("import sys; sys.exit(3)")},
+        {"name": "c", "kind": "cmd", "after": ["bad"], "run": touch("c")},
+        {"name": "report", "kind": "cmd", "after": ["*"], "always": True, "run": touch("report")},
+    ])
+    rc, jobs = run(plan)
+    assert rc == 1
+    assert (jobs["a"]["status"], jobs["b"]["status"], jobs["bad"]["status"]) == ("ok", "ok", "failed")
+    assert jobs["bad"]["rc"] == 3 and jobs["c"]["status"] == "skipped" and jobs["report"]["status"] == "ok"
+    order = (tmp_path / "out" / "order.txt").read_text().split()
+    assert order[0] == "a" and order[-1] == "report" and "c" not in order
+    assert "$ " in (tmp_path / "out" / "_logs" / "bad.log").read_text()     # the command heads its log
+
+
+def test_train_jobs_get_config_sets_and_an_eval_job(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, [{"name": "t", "config": "C.yaml", "set": ["train.stage=teacher", "x={name}"],
+                                  "eval": ["gsm8k", "svamp"]}], vars={"device": "cuda"})
+    out, _, jobs = load_plan(plan, ["device=cpu"], ["train.max_steps=2", "eval.limit=4"])
+    train, ev = jobs
+    assert train.argv[1:] == ["-m", "jobs.train", "--config", "C.yaml", "train.stage=teacher", "x=t",
+                              f"train.out_dir={out}/t", "train.max_steps=2", "eval.limit=4"]
+    assert ev.name == "t.eval" and ev.after == ["t"]
+    assert ev.argv[ev.argv.index("--device") + 1] == "cpu" and ev.argv[-2:] == ["--set", "eval.limit=4"]
+    assert "--datasets" in ev.argv and "gsm8k,svamp" in ev.argv
+
+
+@pytest.mark.parametrize("jobs, match", [
+    ([{"name": "x", "kind": "nope"}], "kind"),
+    ([{"name": "x"}], "needs `config:`"),
+    ([{"name": "x", "kind": "cmd", "run": ["echo"], "after": ["y"]}], "unknown job"),
+    ([{"name": "x", "kind": "cmd", "run": ["echo", "{nope}"]}], "--var nope=VALUE"),
+    ([{"name": "x", "kind": "cmd", "run": ["echo"]}, {"name": "x", "kind": "cmd", "run": ["echo"]}], "unique"),
+])
+def test_plan_errors_name_the_fix(tmp_path: Path, jobs, match) -> None:
+    with pytest.raises(PlanError, match=match):
+        load_plan(write_plan(tmp_path, jobs))
+
+
+def test_deadline_kills_and_skips_but_always_runs(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, [
+        {"name": "slow", "kind": "cmd", "run": py("import time; time.sleep(60)")},
+        {"name": "later", "config": "C.yaml", "after": ["slow"]},
+        {"name": "report", "kind": "cmd", "after": ["*"], "always": True, "run": touch("report")},
+    ])
+    t0 = time.time()
+    rc, jobs = run(plan, deadline_s=1.5)
+    assert time.time() - t0 < 30 and rc == 1
+    assert jobs["slow"]["status"] == "killed" and jobs["later"]["status"] == "skipped"
+    assert jobs["report"]["status"] == "ok"
+
+
+def test_rerun_skips_jobs_that_succeeded(tmp_path: Path) -> None:
+    flag = tmp_path / "fail_once"
+    flag.write_text("")
+    code = (f"import os, sys; f=r'{flag}'; open(r'{{out}}/order.txt','a').write('b\\n'); "
+            "sys.exit(1 if os.path.exists(f) and not os.remove(f) else 0)")
+    plan = write_plan(tmp_path, [{"name": "a", "kind": "cmd", "run": touch("a")},
+                                 {"name": "b", "kind": "cmd", "after": ["a"], "run": py(code)}])
+    assert run(plan)[0] == 1
+    rc, jobs = run(plan)
+    assert rc == 0 and jobs["a"]["reason"] == "succeeded in an earlier run"
+    assert (tmp_path / "out" / "order.txt").read_text().split() == ["a", "b", "b"]
+
+
+def test_slots_bound_concurrency(tmp_path: Path) -> None:
+    stamp = "import time, os; open(r'{out}/t_{name}', 'w').write(str(time.time())); time.sleep(0.6)"
+    plan = write_plan(tmp_path, [{"name": f"j{i}", "kind": "cmd", "run": py(stamp)} for i in range(3)], slots=1)
+    assert run(plan)[0] == 0
+    starts = sorted(float((tmp_path / "out" / f"t_j{i}").read_text()) for i in range(3))
+    assert starts[1] - starts[0] >= 0.5 and starts[2] - starts[1] >= 0.5        # one at a time
