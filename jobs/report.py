@@ -98,12 +98,21 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def method_label(cfg: KavaConfig) -> str:
+    """The stage's name; a student/online run without L_KV is the CODI-style baseline, without L_CODI PCCoT-style."""
+    if cfg.train.stage in ("student", "online") and cfg.loss.alpha_kv == 0:
+        return "CODI-style"
+    if cfg.train.stage in ("student", "online") and cfg.loss.alpha_codi == 0:
+        return "PCCoT-style"
+    return METHODS[cfg.train.stage]
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
     groups: dict[str, Group] = {}
     for r in runs:
         r.key = group_key(r.cfg)
         if r.key not in groups:
-            label = METHODS[r.cfg.train.stage] + (f" · {r.variant}" if r.variant else "")
+            label = method_label(r.cfg) + (f" · {r.variant}" if r.variant else "")
             groups[r.key] = Group(r.key, label, Path(r.cfg.model.name_or_path).name, train_set_label(r.cfg))
         groups[r.key].runs.append(r)
     by_label: dict[str, list[Group]] = {}

@@ -266,3 +266,14 @@ def test_report_labels_name_differing_fields(tmp_path):
             _fake_run(tmp_path / "b" / "kava_s0", "student", 0, {"gsm8k": 0.5}, **{"loss.alpha_kv": 2})]
     labels = sorted(g.label for g in group_runs(load_runs([str(d) for d in dirs])))
     assert labels == ["KaVa · kava (loss.alpha_kv=1.0)", "KaVa · kava (loss.alpha_kv=2.0)"]
+
+
+def test_method_labels_name_the_baselines() -> None:
+    from jobs.report import method_label
+    from kava_dist.config import load_config
+
+    label = lambda *o: method_label(load_config(None, list(o)))   # noqa: E731
+    assert label("train.stage=student") == "KaVa" and label("train.stage=online") == "KaVa (online)"
+    assert label("train.stage=student", "loss.alpha_kv=0") == "CODI-style"
+    assert label("train.stage=student", "loss.alpha_codi=0") == "PCCoT-style"
+    assert label("train.stage=nocot", "loss.alpha_kv=0") == "No-CoT"
