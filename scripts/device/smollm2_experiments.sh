@@ -29,7 +29,6 @@ pack() {   # what is done so far -> $OUT (small files only; adapters and stores 
 case $cmd in
   prepare)
     rm -rf .dev && mkdir -p .dev/a/data .dev/b/whl .dev/c/whl
-    grep -qx '/.dev/' .git/info/exclude || echo '/.dev/' >> .git/info/exclude
     [ -f .models/smollm2/$GGUF ] || bash ../shared/tools/smollm2_gguf.sh .models/smollm2
     split -b 50M -d .models/smollm2/$GGUF .dev/$GGUF.part && mv .dev/$GGUF.part00 .dev/a/ && mv .dev/$GGUF.part01 .dev/b/
     D=../shared/data
