@@ -5,7 +5,8 @@
 #   call b: bash scripts/device/smollm2_experiments.sh b         # carry .dev/b: GGUF part 01 + wheels
 #   call c: bash scripts/device/smollm2_experiments.sh c MIN     # carry .dev/c: ray wheel; install, convert, start
 #           the matrix (configs/experiments/smollm2/matrix.yaml) in its own session with a MIN-minute deadline,
-#           then wait and pack what is done
+#           then wait (3rd argument, seconds; keep it <= 480: install + conversion take ~70 s of the 600 s call)
+#           and pack what is done
 #   call d: bash scripts/device/smollm2_experiments.sh d SECS    # wait up to SECS for the matrix, pack again
 # What comes back ($OUT): results.tgz (run folders without adapters/checkpoints/stores), matrix.log, machine.txt.
 set -uo pipefail
