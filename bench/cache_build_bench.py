@@ -1,7 +1,8 @@
 """Cache-build job vs the bare teacher forward on the same batches, and 2 actors vs 1 (issue 4's GPU check).
 
-Usage (GPU):      python bench/cache_build_bench.py --shapes 1b,3b --examples 512
-      (2 GPUs):   python bench/cache_build_bench.py --shapes 1b,3b --examples 512 --actors 2
+Usage (GPU):      python bench/cache_build_bench.py --shapes 1b,3b --examples 2048
+      (variants): python bench/cache_build_bench.py --shapes 1b --cudnn-check --variant 'store.clevel=1'
+      (2 GPUs):   python bench/cache_build_bench.py --shapes 1b,3b --examples 2048 --actors 2
       (CPU smoke): python bench/cache_build_bench.py --shapes tiny --examples 48 --batch-size 8 --shard-examples 16
 
 Per shape it writes (under --workdir, reused by later runs) a random-init Llama-3.2-1B / -3B shaped checkpoint
@@ -9,18 +10,20 @@ in bf16 with a WordLevel tokenizer over the model's whole vocabulary ("w3".."wN"
 lengths are exact), and a jsonl of N synthetic GSM8k-AUG-like examples: question 70-130 tokens, CoT 100-200
 tokens in steps (+1 step that data.drop_last_step drops), answer prompt + number + EOS = 10 tokens. Then:
 
+  bare  the teacher (same load, dtype, attention kernels) run on the job's own batches (same shard plan, same
+        length sort, same batch size), no hooks, no eviction, no store, CUDA-synchronised per batch: one cold
+        pass of the decoder (every batch shape new to the process), then a warm pass of the decoder (no LM
+        head: what the teacher needs; the baseline) and one of the CausalLM forward
   job   `jobs.build_cache.main` exactly as a user runs it (local Ray, one actor per GPU, store on local disk,
         eviction settings of --config), rate over its active span: first shard's compute start to last
-        shard's write end (the model load is excluded; the actor warms up while it starts)
-  bare  the teacher (same load, dtype, attention) run on the job's own batches (same shard plan, same length
-        sort, same batch size): decoder forward (no LM head, what the teacher needs) and CausalLM forward,
-        no hooks, no eviction, no store; one warmup batch, CUDA-synchronised per batch
+        shard's write end (the model load is excluded; the actor warms up while it starts); once with the
+        defaults and once per --variant (extra overrides)
 
-and prints one line per shape: examples/s and teacher tokens/s of both, the ratio job/bare (target >= 0.9x vs
-the bare decoder), and with --actors K (K GPUs) a second job with K actors and its speedup over 1 (target >=
-1.8x for K=2). A few hundred examples per shape are enough (GPU time: ~1-3 min per shape, mostly model loads);
-the job's store write (compression on CPU threads) is in the measurement: see store.codec/store.clevel and
-build.writes_in_flight (--codec, --clevel, --writes-in-flight) if it limits the job.
+and prints a line per bare baseline and per job: examples/s and teacher tokens/s, the ratio job/bare (target
+>= 0.9x vs the warm bare decoder), and with --actors K (K GPUs) a job with K actors and its speedup over one
+(target >= 1.8x for K=2). --cudnn-check repeats the bare passes with cuDNN SDPA allowed (see
+model.sdpa_backends). The job's store write (compression on CPU threads) is in the measurement: see
+store.codec/store.clevel and build.writes_in_flight (--codec, --clevel, --writes-in-flight, --variant).
 """
 from __future__ import annotations
 
@@ -132,19 +135,15 @@ def run_job(args, ov: list[str]) -> dict:
             "compression_ratio": rep["store"].get("compression_ratio")}
 
 
-def run_bare(args, ov: list[str], device: torch.device) -> dict:
-    """The teacher forward alone on the job's own batches."""
-    from kava_dist.backbone import load_teacher
-    from kava_dist.config import load_config
-    from kava_dist.prompts import collate, encode_examples, load_examples
+def job_batches(cfg):
+    """The teacher batches of the job's shard plan (same length sort, same batch size), on the CPU."""
+    from kava_dist.backbone import load_tokenizer
+    from kava_dist.prompts import add_special_tokens, collate, encode_examples, load_examples
     from kava_dist.targets import plan_shards, store_spec
     from kava_dist.teacher import teacher_sequence
 
-    cfg = load_config(args.config, ov)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":      # as in the job's actor: Ray sets OMP_NUM_THREADS to its num_cpus
-        torch.set_num_threads(max(1, int(cfg.build.cpus_per_actor)))
-    model, tok, special = load_teacher(cfg.model, device=device)
+    tok = load_tokenizer(cfg.model)
+    special = add_special_tokens(tok)
     d = cfg.data
     ex, rep = load_examples(d.train_path, d.cot_style, d.numeric_answer, d.limit)
     enc, rep = encode_examples(ex, tok, d.answer_prompt, d.drop_last_step, d.max_tokens, rep)
@@ -152,31 +151,55 @@ def run_bare(args, ov: list[str], device: torch.device) -> dict:
     bs = cfg.build.batch_size
     batches = [teacher_sequence(collate(items[i:i + bs], special.pad))
                for s in sorted(shards) for items in [shards[s]] for i in range(0, len(items), bs)]
+    return enc, shards, batches
+
+
+def run_bare(args, ov: list[str], device: torch.device) -> dict:
+    """The teacher forward alone on the job's own batches: a cold pass (every batch shape new to the process),
+    then warm passes of the decoder (no LM head: what the teacher needs) and of the CausalLM forward."""
+    from kava_dist.config import load_config, to_dict
+    from kava_dist.targets import TeacherTargets
+
+    cfg = load_config(args.config, ov)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":      # as in the job's actor: Ray sets OMP_NUM_THREADS to its num_cpus
+        torch.set_num_threads(max(1, int(cfg.build.cpus_per_actor)))
+    proc = TeacherTargets(to_dict(cfg))           # the job actor's processor: same load, same warm-up
+    model = proc.teacher
+    enc, shards, batches = job_batches(cfg)
     tokens = sum(e.teacher_len for e in enc)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times = {"decoder": 0.0, "causal_lm": 0.0}
     fns = {"decoder": lambda i, m, p: model.model(input_ids=i, attention_mask=m, position_ids=p, use_cache=False),
            "causal_lm": lambda i, m, p: model(input_ids=i, attention_mask=m, position_ids=p, use_cache=False)}
-    with torch.no_grad():
-        for k, fn in fns.items():                                   # warmup
-            fn(*(t.to(device) for t in batches[0]))
+
+    def one_pass(fn) -> float:
+        total = 0.0
         for ids, mask, pos in batches:
             ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-            for k, fn in fns.items():
-                sync()
-                t0 = time.perf_counter()
-                fn(ids, mask, pos)
-                sync()
-                times[k] += time.perf_counter() - t0
-    del model
+            sync()
+            t0 = time.perf_counter()
+            fn(ids, mask, pos)
+            sync()
+            total += time.perf_counter() - t0
+        return total
+
+    with torch.no_grad():
+        times = {"decoder_cold": one_pass(fns["decoder"]), "decoder": one_pass(fns["decoder"]),
+                 "causal_lm": one_pass(fns["causal_lm"])}
+    t0 = time.perf_counter()          # the actor's compute alone: hooks + eviction + casts + copies to the host
+    for s in sorted(shards):
+        proc.process(shards[s])
+    times["processor"] = time.perf_counter() - t0
+    del model, proc
     torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"examples": len(enc), "tokens": tokens, "batches": len(batches),
+            "sdpa_backends": list(cfg.model.sdpa_backends),
             **{f"{k}_s": v for k, v in times.items()},
             **{f"{k}_tokens_per_s": tokens / v for k, v in times.items()},
             **{f"{k}_examples_per_s": len(enc) / v for k, v in times.items()}}
@@ -195,6 +218,11 @@ def main() -> None:
     ap.add_argument("--clevel", type=int, default=None, help="store.clevel override")
     ap.add_argument("--writes-in-flight", type=int, default=2)
     ap.add_argument("--object-store-mb", type=int, default=2000)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="an extra job run with these space-separated overrides, against the same bare baseline "
+                         "(repeatable), e.g. --variant 'store.clevel=1 build.writes_in_flight=4'")
+    ap.add_argument("--cudnn-check", action="store_true",
+                    help="also time the bare passes with cuDNN SDPA allowed (cold = first time each shape is seen)")
     ap.add_argument("--workdir", default="/tmp/kava_cache_build_bench")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -207,6 +235,7 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     results, lines = [], []
+    variants = [("default", [])] + [(v.strip(), v.split()) for v in args.variant]
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
             raise SystemExit(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
@@ -214,32 +243,44 @@ def main() -> None:
         data = make_data(work / f"data_{shape}_{args.examples}.jsonl", args.examples, SHAPES[shape]["vocab_size"])
         ov1 = overrides(args, ckpt, data, work / f"store_{shape}_1", 1, device)
         bare = run_bare(args, ov1, device)
-        job = run_job(args, ov1)
-        res = {"shape": shape, "bare": bare, "job": job,
-               "ratio_vs_bare_decoder": job["tokens_per_s"] / bare["decoder_tokens_per_s"],
-               "ratio_vs_bare_causal_lm": job["tokens_per_s"] / bare["causal_lm_tokens_per_s"]}
-        line = (f"[{shape}] {job['examples']} examples, {job['tokens']} tokens | job {job['examples_per_s']:.1f} ex/s "
-                f"{job['tokens_per_s']:,.0f} tok/s (compute {job['compute_s']:.1f} s, write {job['write_s']:.1f} s, "
-                f"overlapped {job['overlap_s']:.1f} s, {job['compression_ratio'] or 0:.2f}x compression) | "
-                f"bare decoder "
-                f"{bare['decoder_examples_per_s']:.1f} ex/s {bare['decoder_tokens_per_s']:,.0f} tok/s | "
-                f"job/bare {res['ratio_vs_bare_decoder']:.3f} (target >= 0.9; vs CausalLM forward "
-                f"{res['ratio_vs_bare_causal_lm']:.3f})")
+        res = {"shape": shape, "bare": bare, "jobs": {}}
+        line = (f"[{shape}] {bare['examples']} examples, {bare['tokens']} tokens, {bare['batches']} batches | bare "
+                f"decoder {bare['decoder_examples_per_s']:.1f} ex/s {bare['decoder_tokens_per_s']:,.0f} tok/s (cold "
+                f"pass {bare['decoder_cold_tokens_per_s']:,.0f} tok/s; CausalLM {bare['causal_lm_tokens_per_s']:,.0f}) | "
+                f"processor alone {bare['processor_tokens_per_s']:,.0f} tok/s")
+        if args.cudnn_check:        # the same bare passes with cuDNN SDPA allowed (torch's default order)
+            bc = run_bare(args, ov1 + ["model.sdpa_backends=[cudnn,flash,efficient,math]"], device)
+            res["bare_cudnn"] = bc
+            line += (f" | with cuDNN SDPA: cold {bc['decoder_cold_tokens_per_s']:,.0f} tok/s, warm "
+                     f"{bc['decoder_tokens_per_s']:,.0f}")
+        print(line, flush=True)
+        lines.append(line)
+        for label, extra in variants:
+            job = run_job(args, ov1 + extra)
+            ratio = job["tokens_per_s"] / bare["decoder_tokens_per_s"]
+            res["jobs"][label] = job | {"ratio_vs_bare_decoder": ratio,
+                                        "ratio_vs_bare_causal_lm": job["tokens_per_s"] / bare["causal_lm_tokens_per_s"]}
+            line = (f"[{shape}] job ({label}): {job['examples_per_s']:.1f} ex/s {job['tokens_per_s']:,.0f} tok/s "
+                    f"(compute {job['compute_s']:.1f} s, write {job['write_s']:.1f} s, overlapped "
+                    f"{job['overlap_s']:.1f} s, span {job['active_s']:.1f} s, actor start {job['startup_s']:.1f} s, "
+                    f"{job['compression_ratio'] or 0:.2f}x compression) | job/bare {ratio:.3f} (target >= 0.9)")
+            print(line, flush=True)
+            lines.append(line)
         if args.actors > 1:
+            job = res["jobs"]["default"]
             jobk = run_job(args, overrides(args, ckpt, data, work / f"store_{shape}_{args.actors}", args.actors,
                                            device))
             res[f"job_{args.actors}_actors"] = jobk
             res["actor_speedup"] = jobk["tokens_per_s"] / job["tokens_per_s"]
-            line += (f" | {args.actors} actors {jobk['tokens_per_s']:,.0f} tok/s = {res['actor_speedup']:.2f}x of 1 "
-                     f"(target >= {0.9 * args.actors:.1f}x)")
+            line = (f"[{shape}] {args.actors} actors: {jobk['examples_per_s']:.1f} ex/s {jobk['tokens_per_s']:,.0f} "
+                    f"tok/s = {res['actor_speedup']:.2f}x of 1 actor (target >= {0.9 * args.actors:.1f}x)")
+            print(line, flush=True)
+            lines.append(line)
         results.append(res)
-        lines.append(line)
-        print(line, flush=True)
+        if args.json:           # after every shape: a call cut short still leaves what it measured
+            Path(args.json).write_text(json.dumps({"device": gpu, "gpus": n_gpu, "args": vars(args),
+                                                   "results": results}, indent=2))
     print("\nsummary (" + gpu + "):\n" + "\n".join(lines), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": gpu, "gpus": n_gpu, "args": vars(args), "results": results},
-                                              indent=2))
-
 
 if __name__ == "__main__":
     main()

@@ -8,10 +8,17 @@ Usage:
 Data: bf16 bit patterns of N(0,1) values (real K/V compress a little better: 1.39x at zstd:3 on SmolLM2's
 4x4 cache against 1.35x here, so ratios are indicative; speeds are what matters).
 Prints MB/s of raw bytes for the zarr write and for the bare encode, their ratio, and the compression ratio.
+
+With --writers 1,2,4 it also times the store's real write path (`StoreWriter.write_shard`: checks, content hash,
+zarr write, fsync, read-back checksum, ledger publish) with K shards written at once from K threads, as
+build.writes_in_flight does inside a cache-build actor, in the Llama-1B K/V shapes of the --shape argument
+(fields k and v, one shard of --rows examples each): the store's write capacity on this machine in examples/s.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 import shutil
 import tempfile
 import time
@@ -20,6 +27,8 @@ import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def one(x: np.ndarray, cname: str, clevel: int, root: str) -> dict:
@@ -38,11 +47,33 @@ def one(x: np.ndarray, cname: str, clevel: int, root: str) -> dict:
             "zarr_over_bare_time": t_zarr / t_bare, "compression": x.nbytes / sum(map(len, out))}
 
 
+def store_writes(x: np.ndarray, codec: str, clevel: int, writers: int, root: str, shards: int = 8) -> dict:
+    """`shards` shards (fields k and v = x) written by `writers` threads through StoreWriter.write_shard."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cache_store.spec import CodecSpec, FieldSpec, StoreSpec
+    from cache_store.writer import StoreWriter
+
+    rows = x.shape[0]
+    spec = StoreSpec(fields=(FieldSpec("k", x.shape[1:], "bfloat16"), FieldSpec("v", x.shape[1:], "bfloat16")),
+                     shard_size=rows, codec=CodecSpec(codec, clevel=clevel)).resolved()
+    path = f"{root}/store_{codec}{clevel}_{writers}"
+    w = StoreWriter.create_or_open(path, spec, fingerprint="bench", fingerprint_fields={}, num_shards=shards + 1)
+    w.write_shard(shards, {"k": x, "v": x})                        # warm-up (creates the arrays' files)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(lambda s: w.write_shard(s, {"k": x, "v": x}), range(shards)))
+    dt = time.perf_counter() - t
+    shutil.rmtree(path, ignore_errors=True)
+    return {"writers": writers, "MBps": shards * 2 * x.nbytes / dt / 1e6, "examples_per_s": shards * rows / dt}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="30,3,24,64", help="per-example K shape L,H_kv,M,D")
     ap.add_argument("--rows", type=int, default=128, help="examples in the shard")
     ap.add_argument("--codecs", default="zstd:3,zstd:1,lz4:5", help="cname:clevel,...")
+    ap.add_argument("--writers", default="", help="also time StoreWriter.write_shard with K threads: 1,2,4")
     args = ap.parse_args()
     shape = (args.rows,) + tuple(int(s) for s in args.shape.split(","))
     x = (np.random.default_rng(0).standard_normal(shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
@@ -55,6 +86,14 @@ def main() -> None:
             r = one(x, cname, int(clevel), root)
             print(f"| {r['codec']} | {r['zarr_MBps']:.0f} | {r['bare_MBps']:.0f} | {r['zarr_over_bare_time']:.2f} | "
                   f"{r['compression']:.2f}x |")
+        if args.writers:
+            print("\n| codec | shard writers | StoreWriter MB/s (k+v) | examples/s |")
+            print("|---|---:|---:|---:|")
+            for spec in args.codecs.split(","):
+                cname, clevel = spec.split(":")
+                for k in (int(v) for v in args.writers.split(",")):
+                    r = store_writes(x.view(np.uint16), f"blosc-{cname}", int(clevel), k, root)
+                    print(f"| {cname}:{clevel} | {k} | {r['MBps']:.0f} | {r['examples_per_s']:.0f} |", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

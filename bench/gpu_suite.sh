@@ -3,10 +3,12 @@
 #   part 1: tests/gpu, eval throughput, training (student vs online), cache build 1B again (1 GPU)
 #   part 2: cache build job vs bare forward, store read/write on local disk  (1 GPU)
 #   part 3: 2-GPU scaling of the cache build and of training                 (2 GPUs)
+#   part 4: where the cache build's time goes (1B): store write capacity, bare passes with and without
+#           cuDNN SDPA, the job with the defaults / cuDNN allowed / a faster write setting  (1 GPU)
 # Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
 # Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh 1|2|3}
+part=${1:?usage: gpu_suite.sh 1|2|3|4}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ ! -d /tmp/site/ray ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -27,5 +29,9 @@ case $part in
   3) run python3 bench/cache_build_bench.py --shapes 1b --examples 512 --actors 2 --json "$OUT/cache_build_2gpu.json"
      run python3 bench/train_bench.py --shape 1b --out "$OUT/train_1gpu.json"
      run deepspeed --num_gpus 2 bench/train_bench.py --shape 1b --world 2 --compare "$OUT/train_1gpu.json" --out "$OUT/train_2gpu.json" ;;
+  4) run timeout 90 python3 bench/codec_bench.py --shape 16,8,24,64 --rows 64 --codecs zstd:3,zstd:1 --writers 1,2,4,8
+     run timeout 420 python3 bench/cache_build_bench.py --shapes 1b --examples 2048 --cudnn-check \
+       --variant "model.sdpa_backends=[cudnn,flash,efficient,math]" --variant "store.clevel=1 build.writes_in_flight=4" \
+       --json "$OUT/cache_build_diag_1b.json" ;;
 esac
 tail -n 60 "$log"

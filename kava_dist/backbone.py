@@ -46,6 +46,20 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return dtype
 
 
+def set_sdpa_backends(names: list[str]) -> None:
+    """Enable exactly these PyTorch SDPA kernels for this process (empty: leave torch's defaults).
+
+    Process-wide on purpose: the flags are global in torch, and every model a kava process loads wants the same
+    choice (see ModelConfig.sdpa_backends for why cuDNN is off by default)."""
+    if not names:
+        return
+    b = torch.backends.cuda
+    b.enable_flash_sdp("flash" in names)
+    b.enable_mem_efficient_sdp("efficient" in names)
+    b.enable_cudnn_sdp("cudnn" in names)
+    b.enable_math_sdp("math" in names)
+
+
 def load_tokenizer(mcfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -73,6 +87,7 @@ def load_backbone(mcfg: ModelConfig, latent: LatentConfig | None = None, device:
     tokenizer = load_tokenizer(mcfg)
     special = add_special_tokens(tokenizer)
     dtype = resolve_dtype(mcfg.dtype, device)
+    set_sdpa_backends(mcfg.sdpa_backends)
     kwargs = {"gguf_file": mcfg.gguf_file} if mcfg.gguf_file else {}
     if mcfg.revision:
         kwargs["revision"] = mcfg.revision

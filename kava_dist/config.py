@@ -38,6 +38,10 @@ class ModelConfig:
     """Compute dtype of the backbone: bfloat16 | float32 | float16."""
     attn_implementation: str = "sdpa"
     """transformers attention kernel: sdpa | eager | flash_attention_2."""
+    sdpa_backends: list[str] = field(default_factory=lambda: ["flash", "efficient", "math"])
+    """PyTorch SDPA kernels allowed, process-wide (flash | efficient | cudnn | math; empty = torch's default set).
+    cuDNN is left out by default: torch picks it first for masked attention on Hopper/Blackwell and it builds a
+    new plan (~0.3-1 s) for every unseen batch shape, which variable-length batches hit all the time."""
     teacher_adapter: str = ""
     """peft adapter dir of the CoT-fine-tuned teacher (output of `train.stage=teacher`); empty = base model."""
     student_init_adapter: str = ""
@@ -255,6 +259,8 @@ class KavaConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
 
+
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("bfloat16", "float32", "float16"),
@@ -478,5 +484,9 @@ def validate(cfg: KavaConfig) -> None:
         raise ConfigError(
             f"train.global_batch={cfg.train.global_batch} is not a multiple of train.micro_batch="
             f"{cfg.train.micro_batch}. Set train.micro_batch to a divisor of the global batch.")
+    bad = [b for b in cfg.model.sdpa_backends if b not in SDPA_BACKENDS]
+    if bad:
+        raise ConfigError(f"model.sdpa_backends has {bad}; choose from {', '.join(SDPA_BACKENDS)} (or [] for torch's "
+                          "default set), e.g. model.sdpa_backends=[flash,efficient,math].")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules is empty. List modules (e.g. [q_proj, k_proj, v_proj, o_proj]) or set lora.enabled=false.")

@@ -182,3 +182,23 @@ def test_make_cache_does_not_modify_source(tiny_paths):
     cache.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), 0)
     assert k.shape == (1, 2, 3, 16) and cache_kv(cache)[0][0].shape[2] == 4
     assert positions_from_mask(torch.tensor([[False, True, True]])).tolist() == [[0, 0, 1]]
+
+
+def test_sdpa_backends_are_set_by_loading(tiny_paths):
+    """model.sdpa_backends sets torch's process-wide SDPA flags when a backbone loads (cuDNN off by default)."""
+    b = torch.backends.cuda
+    saved = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(), b.math_sdp_enabled())
+    try:
+        b.enable_cudnn_sdp(True)
+        build(tiny_paths, "llama", lora=False)
+        assert (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(), b.math_sdp_enabled()) \
+            == (True, True, False, True)
+        build(tiny_paths, "llama", lora=False, **{"model.sdpa_backends": "[cudnn,math]"})
+        assert (b.flash_sdp_enabled(), b.cudnn_sdp_enabled(), b.math_sdp_enabled()) == (False, True, True)
+        b.enable_flash_sdp(True)
+        build(tiny_paths, "llama", lora=False, **{"model.sdpa_backends": "[]"})   # [] leaves the flags alone
+        assert (b.flash_sdp_enabled(), b.cudnn_sdp_enabled()) == (True, True)
+    finally:
+        for on, fn in zip(saved, (b.enable_flash_sdp, b.enable_mem_efficient_sdp, b.enable_cudnn_sdp,
+                                  b.enable_math_sdp)):
+            fn(on)
