@@ -216,7 +216,7 @@ def main() -> None:
                     help="eviction/latent/store settings (model and data are replaced)")
     ap.add_argument("--codec", default="", help="store.codec override (blosc-zstd | zstd | none)")
     ap.add_argument("--clevel", type=int, default=None, help="store.clevel override")
-    ap.add_argument("--writes-in-flight", type=int, default=2)
+    ap.add_argument("--writes-in-flight", type=int, default=0, help="build.writes_in_flight (0 = auto)")
     ap.add_argument("--object-store-mb", type=int, default=2000)
     ap.add_argument("--variant", action="append", default=[],
                     help="an extra job run with these space-separated overrides, against the same bare baseline "

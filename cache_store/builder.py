@@ -1,9 +1,11 @@
-"""Ray build of a store: one coordinator, a pool of worker actors, one shard per task, retries, resume.
+"""Ray build of a store: one coordinator, a pool of compute actors (e.g. a teacher per GPU), each with its own
+write actors, one shard per task, retries, resume.
 
 Generic over the work: the caller passes `make_processor` (a picklable zero-argument callable run once inside
-each actor, e.g. one that loads a teacher model) whose result has `process(items) -> (arrays, info)`; `info` may
-hold "tokens" (int) and "quarantined" (list of dicts: items that were dropped, with their error). This module
-imports no model code.
+each compute actor, e.g. one that loads a teacher model) whose result has `process(items) -> (arrays, info)`
+(and optionally `launch(items)` + `finish(launched, relaunch_lock)`, the same split in two so the next shard's
+device work starts while this one is copied out); `info` may hold "tokens" (int) and "quarantined" (list of
+dicts: items that were dropped, with their error). This module imports no model code.
 
 Usage:
     from cache_store.builder import BuildSettings, build_store
@@ -12,41 +14,34 @@ Usage:
     # shards: {shard_id: [item, ...]}; items must be picklable and expose .id (reported on failure)
     report.ok, report.failed, report.summary(), report.overlap_s
 
-Each actor runs with max_concurrency = 1 + writes_in_flight and a compute lock: while shard i (and up to
-writes_in_flight - 1 more) is written to the store, shard i+1 is computed, so I/O overlaps GPU work
-(`report.overlap_s` measures it; `report.timeline` has every shard's compute and write interval;
-`report.active_s` is the span from the first compute to the last write, the throughput window). A task
-returns only once its shard is published. Shards already in the ledger
-are skipped (resume). A task that raises is retried (any actor); an actor that dies is replaced (started in
-the background, the others keep working), the claims it held are released and its in-flight shards retried;
-after `max_retries` a shard is reported with its error and item ids and the build finishes everything else
-before returning (`report.ok` is False). A shard claimed by another live writer (a second build on the same
-store) is deferred, not failed. Quarantined items are recorded per shard in meta/quarantine.shard-NNNNNN.json
-before the shard is published, so they survive a driver crash (`collect_quarantine` merges them).
-
-Fault injection (tests), KAVA_BUILD_FAULT = comma-separated list of:
-    kill_mid_write:SHARD   SIGKILL the actor after the first array of SHARD is written, once per
-                           KAVA_BUILD_FAULT_DIR (a marker file makes it one-time)
-    fail_shard:SHARD       raise in the processor step of SHARD, every time
-    slow:SECONDS           sleep SECONDS inside the compute lock of every shard (a slow GPU)
-KAVA_BUILD_FAULT, KAVA_BUILD_FAULT_DIR and CACHE_STORE_FAULT are forwarded from the driver to the actors.
+Data flow per shard: a compute actor computes it (arrays into Ray's object store, owned by this driver), then one
+of that actor's `writers_per_actor` write actors (processes on the same node, see build_actors.py) writes and
+publishes it. A compute actor holds at most `writes_in_flight` computed shards that wait for or are in a write
+(back-pressure on the object store), and two compute tasks, so the device always has the next shard queued.
+`report.overlap_s` measures how much write time ran while the same group computed; `report.timeline` has every
+shard's compute and write interval; `report.active_s` is the span from the first compute to the last write (the
+throughput window). A shard counts as done only once its ledger record is published. Shards already in the
+ledger are skipped (resume). A task that raises is retried from the compute (any actor); an actor that dies
+(compute or write) is replaced (started in the background, the others keep working), the claims it held are
+released and its in-flight shards retried; after `max_retries` a shard is reported with its error and item ids
+and the build finishes everything else before returning (`report.ok` is False). A shard claimed by another live
+writer (a second build on the same store) is deferred, not failed. Quarantined items are recorded per shard in
+meta/quarantine.shard-NNNNNN.json before the shard is published, so they survive a driver crash
+(`collect_quarantine` merges them). Fault injection for tests: see build_actors.py.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
+from cache_store.build_actors import FORWARDED_ENV, ComputeWorker, WriteWorker
+
 log = logging.getLogger(__name__)
-
-FORWARDED_ENV = ("KAVA_BUILD_FAULT", "KAVA_BUILD_FAULT_DIR", "CACHE_STORE_FAULT")
-
 
 class BuildError(RuntimeError):
     """The build cannot go on (no actor can start); finished shards are kept."""
@@ -59,8 +54,14 @@ class BuildSettings:
     num_cpus: float = 1.0
     max_retries: int = 3
     progress: bool = True
-    writes_in_flight: int = 1
-    """Shard writes an actor may have running while it computes the next shard."""
+    writes_in_flight: int = 0
+    """Computed shards per compute actor that may wait for or be in a write (0 = 2 x writers_per_actor)."""
+    writers_per_actor: int = 2
+    """Write actors (processes) per compute actor; each writes one shard at a time."""
+    writer_threads: int = 0
+    """zarr codec threads per write actor (0 = zarr's default, about the node's core count)."""
+    cpus_per_writer: float = 0.0
+    """Ray CPUs each write actor reserves (0: scheduled regardless of the compute actors' reservations)."""
     actor_start_timeout_s: float = 900.0
     """An actor not started (scheduled + processor built) within this is an error naming its resources."""
     claim_retry_s: float = 30.0
@@ -112,85 +113,8 @@ class BuildReport:
                 f"overlapped {self.overlap_s:.1f} s)")
 
 
-def _faults() -> dict[str, str]:
-    out = {}
-    for part in filter(None, os.environ.get("KAVA_BUILD_FAULT", "").split(",")):
-        name, _, arg = part.strip().partition(":")
-        out[name] = arg
-    return out
-
-
-def _arm_kill(shard_id: int) -> bool:
-    """kill_mid_write: make the store writer SIGKILL this process after the shard's first array (once)."""
-    arg = _faults().get("kill_mid_write")
-    if arg is None or int(arg) != shard_id:
-        return False
-    marker = Path(os.environ.get("KAVA_BUILD_FAULT_DIR", "/tmp")) / f"kava_fault_shard{shard_id}"
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    os.environ["CACHE_STORE_FAULT"] = f"kill_after_first_array:{shard_id}"
-    return True
-
-
-def quarantine_meta_name(shard_id: int) -> str:
-    return f"quarantine.shard-{shard_id:06d}"
-
-
-class ShardWorker:
-    """Ray actor body (wrapped with ray.remote in `build_store`)."""
-
-    def __init__(self, make_processor: Callable[[], Any], store_args: dict):
-        # Ray handles a failing actor constructor badly: catch and report through ready().
-        self.error = None
-        self.owner: dict = {}
-        try:
-            from cache_store.writer import StoreWriter
-
-            self.writer = StoreWriter.create_or_open(**store_args)
-            self.owner = dict(self.writer.claims.owner)
-            self.proc = make_processor()
-            self.lock = threading.Lock()
-        except Exception:  # noqa: BLE001
-            self.error = traceback.format_exc()
-
-    def ready(self) -> dict:
-        return {"error": self.error, "owner": self.owner}
-
-    def run(self, shard_id: int, items: list) -> dict:
-        from cache_store.errors import ShardClaimed
-
-        if self.error:
-            raise RuntimeError(f"actor failed to start:\n{self.error}")
-        faults = _faults()
-        with self.lock:                                    # one compute at a time; the write below overlaps
-            t0 = time.time()
-            if "slow" in faults:
-                time.sleep(float(faults["slow"] or 1.0))
-            if faults.get("fail_shard") not in (None, "") and int(faults["fail_shard"]) == shard_id:
-                raise RuntimeError(f"KAVA_BUILD_FAULT fail_shard:{shard_id} (injected processor failure)")
-            arrays, info = self.proc.process(items)
-            t1 = time.time()
-        quarantined = [dict(q, shard=shard_id) for q in info.get("quarantined", [])]
-        if quarantined:                                    # before publishing: survives a crash of the driver
-            self.writer.put_meta(quarantine_meta_name(shard_id), quarantined)
-        armed = _arm_kill(shard_id)
-        try:
-            rec = self.writer.write_shard(shard_id, arrays)
-        except ShardClaimed as e:
-            return {"shard": shard_id, "claimed": str(e)}
-        finally:
-            if armed:
-                os.environ.pop("CACHE_STORE_FAULT", None)
-        t2 = time.time()
-        return {"shard": shard_id, "rows": rec.rows, "bytes": rec.bytes, "tokens": int(info.get("tokens", 0)),
-                "quarantined": quarantined, "actor": f"{self.owner.get('host')}:{os.getpid()}",
-                "compute": (t0, t1), "write": (t1, t2)}
-
-
 def _overlap(timeline: list[dict]) -> float:
-    """Seconds during which an actor computed one shard while it wrote another."""
+    """Seconds during which a group (compute actor + its writers) computed one shard while it wrote another."""
     total = 0.0
     by_actor: dict[str, list[dict]] = {}
     for r in timeline:
@@ -218,10 +142,25 @@ def _release_claim_of(writer, shard_id: int, owner: dict) -> None:
         log.warning("shard %d: could not release the dead actor's claim (%s); it expires after its TTL", shard_id, e)
 
 
+class _Group:
+    """One compute actor, its write actors, and the shards between them."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.compute = None                      # the ready compute actor (None while it starts)
+        self.node = ""                           # its node: write actors are placed there
+        self.writers: list = []                  # ready write actors
+        self.writers_starting = 0
+        self.computing = 0                       # compute tasks submitted, not returned
+        self.waiting: list[tuple[int, Any, dict]] = []   # computed shards: (shard, arrays ref, meta)
+        self.writing = 0                         # write tasks submitted, not returned
+
+
 def build_store(store_args: dict, shards: dict[int, list], make_processor: Callable[[], Any],
                 settings: BuildSettings) -> BuildReport:
     import ray
     from ray.exceptions import RayError, RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm.auto import tqdm
 
     from cache_store.writer import StoreWriter
@@ -232,33 +171,39 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
     report = BuildReport(shards_total=len(shards), shards_skipped=len(shards) - len(todo))
     if not todo:
         return report
-    depth = 1 + max(1, settings.writes_in_flight)       # tasks per actor: one computing, the others writing
-    opts: dict[str, Any] = dict(num_gpus=settings.num_gpus, num_cpus=settings.num_cpus, max_concurrency=depth,
-                                max_restarts=0)
+    n_writers = max(1, settings.writers_per_actor)
+    cap = settings.writes_in_flight or 2 * n_writers
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    if env:
-        opts["runtime_env"] = {"env_vars": env}
-    Actor = ray.remote(ShardWorker).options(**opts)
-    n_actors = max(1, min(settings.num_actors, len(todo)))
-    start_budget = n_actors + settings.max_retries          # actors that may die before they are ready
+    runtime: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    Compute = ray.remote(ComputeWorker).options(num_gpus=settings.num_gpus, num_cpus=settings.num_cpus,
+                                                max_concurrency=2, max_restarts=0, **runtime)
+    Writer = ray.remote(WriteWorker)
+    groups = [_Group(f"group{i}") for i in range(max(1, min(settings.num_actors, len(todo))))]
+    start_budget = len(groups) * (1 + n_writers) + settings.max_retries   # actors that may die while starting
 
-    actors: list = []                            # started, in the pool
-    owners: dict[int, dict] = {}                 # id(actor) -> claim owner
-    starting: dict[Any, tuple[Any, float]] = {}  # ready future -> (actor, started at)
-    load: dict[int, int] = {}
+    starting: dict[Any, tuple[str, _Group, Any, float]] = {}   # ready future -> (kind, group, actor, started at)
+    owners: dict[int, dict] = {}                 # id(write actor) -> its claim owner
+    wload: dict[int, int] = {}                   # id(write actor) -> write tasks queued or running
+    inflight: dict[Any, tuple] = {}              # future -> ("compute", shard, group, arrays ref, actor)
+    #                                                        | ("write", shard, group, actor, meta)
 
-    def spawn():
-        """Start an actor in the background. Deaths mid-shard are bounded by the shards' retries; deaths while
-        starting by `start_budget`."""
-        a = Actor.remote(make_processor, store_args)
-        starting[a.ready.remote()] = (a, time.time())
+    def spawn_compute(g: _Group):
+        a = Compute.remote(make_processor)
+        starting[a.node.remote()] = ("node", g, a, time.time())   # placed: its writers start while it loads
 
-    for _ in range(n_actors):
-        spawn()
+    def spawn_writer(g: _Group):
+        opts: dict[str, Any] = dict(num_cpus=settings.cpus_per_writer, max_concurrency=1, max_restarts=0, **runtime)
+        if g.node:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(g.node, soft=True)
+        w = Writer.options(**opts).remote(store_args, settings.writer_threads)
+        g.writers_starting += 1
+        starting[w.ready.remote()] = ("writer", g, w, time.time())
+
+    for g in groups:
+        spawn_compute(g)
     queue = list(todo)
     deferred: list[tuple[float, int]] = []       # (not before, shard): claimed by another live writer
     attempts: dict[int, int] = {}
-    inflight: dict[Any, tuple[int, Any]] = {}    # future -> (shard, actor)
     examples_todo = sum(len(shards[s]) for s in todo)
     t_start = time.time()
     tty = sys.stderr.isatty()
@@ -270,11 +215,21 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
         for item in [d for d in deferred if d[0] <= now]:
             deferred.remove(item)
             queue.append(item[1])
-        for a in list(actors):
-            while queue and load[id(a)] < depth:
+        for g in groups:
+            while (g.compute is not None and queue and g.computing < 2
+                   and g.computing + len(g.waiting) + g.writing < cap):
                 s = queue.pop(0)
-                inflight[a.run.remote(s, shards[s])] = (s, a)
-                load[id(a)] += 1
+                arrays_ref, meta_ref = g.compute.compute.options(num_returns=2).remote(s, shards[s])
+                inflight[meta_ref] = ("compute", s, g, arrays_ref, g.compute)
+                g.computing += 1
+            while g.waiting and g.writers:
+                w = min(g.writers, key=lambda a: wload[id(a)])
+                if wload[id(w)] >= 2:                       # one running and one queued per writer
+                    break
+                s, arrays_ref, meta = g.waiting.pop(0)
+                inflight[w.write.remote(s, arrays_ref, meta["quarantined"])] = ("write", s, g, w, meta)
+                wload[id(w)] += 1
+                g.writing += 1
 
     def retry(s: int, err: str):
         attempts[s] = attempts.get(s, 0) + 1
@@ -289,85 +244,128 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
             bar.update(len(shards[s]))
             log.error("shard %d failed %d times; giving up on it (the others go on): %s", s, attempts[s], last)
 
-    def replace(actor):
-        if actor in actors:                      # replace a dead actor once; its other shards fail too
-            actors.remove(actor)
-            ray.kill(actor, no_restart=True)
-            report.actors_replaced += 1
-            spawn()
+    def replace(g: _Group, actor, kind: str):
+        """Replace a dead actor once (its other in-flight tasks fail too and find it already gone)."""
+        if kind == "compute" and g.compute is actor:
+            g.compute = None
+        elif kind == "writer" and actor in g.writers:
+            g.writers.remove(actor)
+        else:
+            return
+        ray.kill(actor, no_restart=True)
+        report.actors_replaced += 1
+        (spawn_compute if kind == "compute" else spawn_writer)(g)
+
+    def started(fut):
+        nonlocal start_budget
+        kind, g, a, t0 = starting.pop(fut)
+        if kind == "node":
+            try:
+                g.node = ray.get(fut)
+            except RayError:
+                g.node = ""              # died already: ready() below reports it
+            for _ in range(n_writers - len(g.writers) - g.writers_starting):
+                spawn_writer(g)
+            starting[a.ready.remote()] = ("compute", g, a, t0)
+            return
+        if kind == "writer":
+            g.writers_starting -= 1
+        try:
+            info = ray.get(fut)
+        except RayError as e:            # died while starting (e.g. out of memory): try another one
+            start_budget -= 1
+            if start_budget <= 0:
+                raise BuildError(
+                    f"build actors kept dying while starting; the last one: {str(e)[-3000:]}\nSee the actor "
+                    "logs (`ray logs`, the dashboard), e.g. out of memory or a module the workers cannot import "
+                    "(run with `ray job submit --working-dir .`)") from e
+            log.warning("a build %s actor died while starting; starting another: %s", kind, str(e)[-1500:])
+            (spawn_compute if kind == "compute" else spawn_writer)(g)
+            return
+        if info["error"]:
+            raise BuildError(f"a build {kind} actor failed to start (fix the cause and rerun):\n{info['error']}")
+        if kind == "writer":
+            g.writers.append(a)
+            owners[id(a)], wload[id(a)] = info["owner"], 0
+            return
+        g.compute, g.node = a, info["node_id"]
+        if not report.startup_s:
+            report.startup_s = time.time() - t_start
+            bar.reset(total=examples_todo)          # rates and ETA from here, not from the model load
+
+    def finished(fut):
+        entry = inflight.pop(fut)
+        if entry[0] == "compute":
+            _, s, g, arrays_ref, actor = entry
+            g.computing -= 1
+            try:
+                meta = ray.get(fut)
+            except RayTaskError as e:            # the processor raised: the actor is fine
+                retry(s, str(e))
+            except RayError:                     # the actor died (killed, OOM, node lost)
+                replace(g, actor, "compute")
+                retry(s, traceback.format_exc())
+            else:
+                g.waiting.append((s, arrays_ref, meta))
+            return
+        _, s, g, w, meta = entry
+        wload[id(w)] -= 1
+        g.writing -= 1
+        try:
+            res = ray.get(fut)
+        except RayTaskError as e:                # the write raised (store error): redo the shard
+            retry(s, str(e))
+            return
+        except RayError:                         # the writer died
+            _release_claim_of(writer, s, owners.get(id(w), {}))
+            replace(g, w, "writer")
+            retry(s, traceback.format_exc())
+            return
+        if "claimed" in res:
+            log.warning("shard %d is held by another live writer; retrying in %.0fs: %s", s, settings.claim_retry_s,
+                        res["claimed"])
+            deferred.append((time.time() + settings.claim_retry_s, s))
+            return
+        report.shards_written += 1
+        report.rows += res["rows"]
+        report.bytes += res["bytes"]
+        report.tokens += meta["tokens"]
+        report.quarantined.extend(meta["quarantined"])
+        report.compute_s += meta["compute"][1] - meta["compute"][0]
+        report.write_s += res["write"][1] - res["write"][0]
+        report.timeline.append({"shard": s, "actor": g.key, "compute": meta["compute"], "write": res["write"]})
+        el = max(time.time() - t_start - report.startup_s, 1e-9)
+        bar.set_postfix_str(f"shards {report.shards_written + report.shards_skipped}/{report.shards_total}, "
+                            f"{report.tokens / el:,.0f} tok/s", refresh=False)
+        bar.update(len(shards[s]))
 
     try:
-        while queue or inflight or deferred:
+        while queue or inflight or deferred or any(g.waiting for g in groups):
             submit()
             waitables = list(inflight) + list(starting)
             if not waitables:
-                if not actors:
+                if not any(g.compute for g in groups):
                     raise BuildError("no build actor is alive or starting; nothing can run the remaining shards")
                 time.sleep(max(0.05, min(d[0] for d in deferred) - time.time()) if deferred else 0.05)
                 continue
-            ready, _ = ray.wait(waitables, num_returns=1, timeout=5.0)
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=5.0, fetch_local=False)
             if not ready:
-                for fut, (a, t0) in list(starting.items()):
-                    if time.time() - t0 > settings.actor_start_timeout_s and not actors and not inflight:
+                for _, (kind, _, _, t0) in list(starting.items()):
+                    if (kind in ("node", "compute") and time.time() - t0 > settings.actor_start_timeout_s
+                            and not any(g.compute for g in groups) and not inflight):
                         raise BuildError(
                             f"no build actor started within {settings.actor_start_timeout_s:.0f}s; the cluster may "
                             f"lack the resources one needs (num_gpus={settings.num_gpus}, num_cpus={settings.num_cpus})"
                             ": check `ray status`, or lower build.gpus_per_actor / build.cpus_per_actor")
                 continue
-            fut = ready[0]
-            if fut in starting:
-                a, _ = starting.pop(fut)
-                try:
-                    info = ray.get(fut)
-                except RayError as e:            # died while starting (e.g. out of memory): try another one
-                    start_budget -= 1
-                    if start_budget <= 0:
-                        raise BuildError(
-                            f"build actors kept dying while starting; the last one: {str(e)[-3000:]}\nSee the "
-                            "actor logs (`ray logs`, the dashboard), e.g. out of memory or a module the workers "
-                            "cannot import (run with `ray job submit --working-dir .`)") from e
-                    log.warning("a build actor died while starting; starting another: %s", str(e)[-1500:])
-                    spawn()
-                    continue
-                if info["error"]:
-                    raise BuildError(f"a build actor failed to start (fix the cause and rerun):\n{info['error']}")
-                actors.append(a)
-                owners[id(a)], load[id(a)] = info["owner"], 0
-                if not report.startup_s:
-                    report.startup_s = time.time() - t_start
-                    bar.reset(total=examples_todo)          # rates and ETA from here, not from the model load
-                continue
-            s, actor = inflight.pop(fut)
-            load[id(actor)] = load.get(id(actor), 1) - 1
-            try:
-                res = ray.get(fut)
-            except RayTaskError as e:            # the processor or the write raised: the actor is fine
-                retry(s, str(e))
-            except RayError:                     # the actor died (killed, OOM, node lost)
-                _release_claim_of(writer, s, owners.get(id(actor), {}))
-                replace(actor)
-                retry(s, traceback.format_exc())
+            if ready[0] in starting:
+                started(ready[0])
             else:
-                if "claimed" in res:
-                    log.warning("shard %d is held by another live writer; retrying in %.0fs: %s", s,
-                                settings.claim_retry_s, res["claimed"])
-                    deferred.append((time.time() + settings.claim_retry_s, s))
-                    continue
-                report.shards_written += 1
-                report.rows += res["rows"]
-                report.bytes += res["bytes"]
-                report.tokens += res["tokens"]
-                report.quarantined.extend(res["quarantined"])
-                report.compute_s += res["compute"][1] - res["compute"][0]
-                report.write_s += res["write"][1] - res["write"][0]
-                report.timeline.append({k: res[k] for k in ("shard", "actor", "compute", "write")})
-                el = max(time.time() - t_start - report.startup_s, 1e-9)
-                bar.set_postfix_str(f"shards {report.shards_written + report.shards_skipped}/{report.shards_total}, "
-                                    f"{report.tokens / el:,.0f} tok/s", refresh=False)
-                bar.update(len(shards[s]))
+                finished(ready[0])
     finally:
         bar.close()
-        for a in actors + [a for a, _ in starting.values()]:
+        for a in [g.compute for g in groups if g.compute] + [w for g in groups for w in g.writers] + [
+                a for _, _, a, _ in starting.values()]:
             ray.kill(a, no_restart=True)
     report.seconds = time.time() - t_start
     report.overlap_s = _overlap(report.timeline)

@@ -174,7 +174,9 @@ def main(argv=None) -> int:
                  "each; fingerprint %s", cfg.store.path, len(encoded), len(shards), spec.shard_size, len(done),
                  n_actors, per, cfg.build.cpus_per_actor, digest)
         settings = BuildSettings(num_actors=n_actors, num_gpus=per, num_cpus=cfg.build.cpus_per_actor,
-                                 max_retries=cfg.build.max_retries, writes_in_flight=cfg.build.writes_in_flight)
+                                 max_retries=cfg.build.max_retries, writes_in_flight=cfg.build.writes_in_flight,
+                                 writers_per_actor=cfg.build.writers_per_actor, writer_threads=cfg.build.writer_threads,
+                                 cpus_per_writer=cfg.build.cpus_per_writer)
         try:
             result = build_store(store_args, shards, functools.partial(TeacherTargets, to_dict(cfg)), settings)
         except BuildError as e:

@@ -6,10 +6,14 @@ Usage:
     shards = plan_shards(encoded, spec.shard_size)         # {shard_id: [Encoded, ...]} sorted by length inside
     proc = TeacherTargets(cfg_dict)                        # loads the frozen teacher once (GPU if present)
     arrays, info = proc.process(shards[0])                 # per-example arrays in shard order + stats
+    launched = proc.launch(shards[1]); arrays, info = proc.finish(launched)   # the same in two steps
 
 Each shard's examples are sorted by teacher length and cut into `build.batch_size` batches, so padding stays
 small; the shard's rows are stored in that order (`example_id` maps rows back to the data). A batch that fails
 is retried example by example and the examples that still fail are quarantined (reported, not written).
+`launch` queues a shard's device work without waiting for it and `finish` waits, checks and copies the arrays
+to the host (one sync and one transfer per field per shard), so a build actor can launch shard i+1 while it
+finishes shard i and the GPU never waits for the host.
 
 `plan_actors(resources, cfg.build)` sizes the actor pool: one actor per `build.gpus_per_actor` GPUs of the
 cluster, or `build.num_actors` CPU actors (default 1) when it has none.
@@ -119,9 +123,7 @@ class TeacherTargets:
         in the actor's start and not in its first shard."""
         ids = list(range(10, 42))
         e = Encoded(id=-1, question_ids=ids, cot_ids=ids + ids, prompt_ids=ids[:3], answer_ids=ids[:2])
-        self._batch([e] * min(2, self.cfg.build.batch_size))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        self.process([e] * min(2, self.cfg.build.batch_size))
 
     def batches(self, items: list[Encoded]) -> list[list[Encoded]]:
         """The forward batches `process` runs for a shard's items (in order)."""
@@ -130,14 +132,16 @@ class TeacherTargets:
 
     @torch.no_grad()
     def _batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Forward + eviction of one batch, launched on the device without waiting for it: the fields in their
+        stored dtypes (still on the device) and "_finite", a device bool saying K/V are all finite."""
         from kava_dist.step import compute_targets
         from kava_dist.teacher import teacher_forward
 
-        batch = collate(items, self.special.pad).to(self.device)
+        cpu_batch = collate(items, self.special.pad)
+        batch = cpu_batch.to(self.device)
         tout = teacher_forward(self.teacher, batch, rope=self.cfg.eviction.rope, with_hidden=True)
         t = compute_targets(tout, self.cfg.eviction, self.cfg.latent.num_latents)
-        # Cast to the stored dtype and check finiteness on the device, then one copy per field to the host:
-        # the actor holds a single CPU thread, so host-side float conversions would cost more than the forward.
+        # Cast to the stored dtype and check finiteness on the device: no host work and no sync per batch.
         kv_dtype = STORE_TORCH_DTYPE.get(self.cfg.store.dtype, torch.bfloat16)   # int8/int4 quantise from bf16
         arrays = t.as_arrays()
         arrays["k"], arrays["v"] = arrays["k"].to(kv_dtype), arrays["v"].to(kv_dtype)
@@ -146,36 +150,57 @@ class TeacherTargets:
         if bad:                                                          # fault injection (tests)
             arrays["k"] = arrays["k"].clone()
             arrays["k"][bad] = float("nan")
-        if not bool(torch.isfinite(arrays["k"]).all() & torch.isfinite(arrays["v"]).all()):
-            raise FloatingPointError("teacher produced non-finite K/V")
-        out = {k: v.cpu() for k, v in arrays.items()}
-        out["example_id"] = batch.ids.cpu()
-        out["cot_len"] = batch.cot_mask.sum(1).to(torch.int32).cpu()
-        return out
+        arrays["_finite"] = torch.isfinite(arrays["k"]).all() & torch.isfinite(arrays["v"]).all()
+        arrays["example_id"] = cpu_batch.ids.clone()
+        arrays["cot_len"] = cpu_batch.cot_mask.sum(1).to(torch.int32)
+        return arrays
 
-    def process(self, items: list[Encoded]) -> tuple[dict[str, torch.Tensor], dict]:
-        parts, quarantined, tokens = [], [], 0
+    def launch(self, items: list[Encoded]) -> list:
+        """Launch every batch of a shard on the device (no sync): [(batch items, arrays | None, error | None)].
+        A batch that raises at launch (e.g. out of memory) is kept with its error for `finish` to redo."""
+        launched = []
         for chunk in self.batches(items):
             try:
-                parts.append(self._batch(chunk))
-                tokens += sum(e.teacher_len for e in chunk)
-            except Exception as err:  # noqa: BLE001 - OOM, non-finite K/V, a malformed example: go one by one
+                launched.append((chunk, self._batch(chunk), None))
+            except Exception as err:  # noqa: BLE001 - OOM, a malformed example: redone one by one in finish
                 if "out of memory" in str(err).lower() and torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                log.warning("batch of %d failed (%s); retrying one by one", len(chunk), err)
+                launched.append((chunk, None, err))
+        return launched
+
+    def finish(self, launched: list, relaunch_lock=None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Wait for a launched shard, redo failed or non-finite batches one example at a time (examples that still
+        fail are quarantined), and copy the shard's arrays to the host in one transfer per field. Device work
+        of the next shard may run meanwhile; `relaunch_lock` (if given) is held while redoing examples."""
+        from contextlib import nullcontext
+
+        finite = [a["_finite"] for _, a, _ in launched if a is not None]
+        ok = iter(torch.stack(finite).cpu().tolist() if finite else [])    # the one sync of the shard
+        parts, quarantined, tokens = [], [], 0
+        for chunk, arrays, err in launched:
+            if arrays is not None and next(ok):
+                parts.append(arrays)
+                tokens += sum(e.teacher_len for e in chunk)
+                continue
+            err = err or FloatingPointError("teacher produced non-finite K/V")
+            log.warning("batch of %d failed (%s); retrying one by one", len(chunk), err)
+            with relaunch_lock or nullcontext():
                 for e in chunk:
                     try:
-                        parts.append(self._batch([e]))
+                        one = self._batch([e])
+                        if not bool(one["_finite"]):
+                            raise FloatingPointError("teacher produced non-finite K/V")
+                        parts.append(one)
                         tokens += e.teacher_len
                     except Exception as one_err:  # noqa: BLE001 - quarantined with its error, never fatal
                         quarantined.append({"example_id": e.id, "error": repr(one_err),
                                             "trace": traceback.format_exc(limit=3)})
         if not parts:
             raise RuntimeError(f"every example of the shard failed; first error: {quarantined[0]['error']}")
-        arrays = _concat(parts)
+        arrays = {k: torch.cat([p[k] for p in parts], dim=0).cpu() for k in parts[0] if k != "_finite"}
         return arrays, {"tokens": tokens, "quarantined": quarantined, "rows": int(arrays["example_id"].shape[0])}
 
+    def process(self, items: list[Encoded]) -> tuple[dict[str, torch.Tensor], dict]:
+        """Targets of one shard: `finish(launch(items))`."""
+        return self.finish(self.launch(items))
 
-def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate batches; pad nothing: every field has a fixed per-example shape."""
-    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}

@@ -321,7 +321,7 @@ def test_driver_killed_then_resume(clean, data):
     log = data["root"] / "killed_driver.log"
     with open(log, "wb") as out:        # a local Ray started by the job itself (no cluster address)
         proc = subprocess.Popen([PY, "-m", "jobs.build_cache", "--config", "configs/tiny_cpu.yaml",
-                                 *overrides(data, store)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 *overrides(data, store, "build.writes_in_flight=1")],   # publish as it computes cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         deadline = time.time() + 200
@@ -378,10 +378,11 @@ def test_fingerprint_mismatch_names_fields(clean, data, tmp_path, caplog):
 
 
 class SleepProc:
-    """A fake processor: `compute_s` of 'GPU' work per shard, arrays from the item ids."""
+    """A fake processor: `load_s` of 'model load', `compute_s` of 'GPU' work per shard, arrays from the item ids."""
 
-    def __init__(self, compute_s: float):
+    def __init__(self, compute_s: float, load_s: float = 0.0):
         self.compute_s = compute_s
+        time.sleep(load_s)
 
     def process(self, items):
         time.sleep(self.compute_s)
@@ -409,7 +410,8 @@ def test_writes_overlap_compute(cluster, tmp_path, monkeypatch):
     shards = {s: [Item(4 * s + j) for j in range(4)] for s in range(6)}
     cloudpickle.register_pickle_by_value(sys.modules[__name__])       # Ray workers cannot import this test file
     monkeypatch.setenv("CACHE_STORE_FAULT", "sleep_after_claim:0.6")   # every write takes >= 0.6 s
-    rep = build_store(store_args, shards, functools.partial(SleepProc, 0.6),
+    # the write actors start while the 'model' loads (as they do while a teacher loads), then overlap the compute
+    rep = build_store(store_args, shards, functools.partial(SleepProc, 0.6, 8.0),
                       BuildSettings(num_actors=1, progress=False))
     assert rep.ok and rep.shards_written == 6 and rep.rows == 24 and rep.tokens == 240
     assert rep.write_s >= 6 * 0.6 and rep.compute_s >= 6 * 0.6
