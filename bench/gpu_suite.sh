@@ -5,11 +5,12 @@
 #   part 3: 2-GPU scaling of the cache build and of training                 (2 GPUs)
 #   part 4: where the cache build's time goes (1B): store write capacity, bare passes with and without
 #           cuDNN SDPA, the job with the defaults / cuDNN allowed / a faster write setting  (1 GPU)
+#   part 6: where a cache-build actor's compute time goes (1B; stage timings + torch.profiler tables)   (1 GPU)
 #   part 5: the cache build job (teacher actor + write actors) vs bare, 1B and 3B, with write variants (1 GPU)
 # Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
 # Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh 1|2|3|4|5}
+part=${1:?usage: gpu_suite.sh 1|2|3|4|5|6}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ ! -d /tmp/site/ray ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -38,5 +39,6 @@ case $part in
        --variant "build.writers_per_actor=6" --variant "store.clevel=1" --json "$OUT/cache_build_1b.json"
      run timeout 300 python3 bench/cache_build_bench.py --shapes 3b --examples 1024 \
        --variant "build.writers_per_actor=6" --json "$OUT/cache_build_3b.json" ;;
+  6) run timeout 400 python3 bench/teacher_profile.py --shape 1b --examples 1024 ;;
 esac
 tail -n 60 "$log"
