@@ -36,9 +36,10 @@ case $part in
        --variant "model.sdpa_backends=[cudnn,flash,efficient,math]" --variant "store.clevel=1 build.writes_in_flight=4" \
        --json "$OUT/cache_build_diag_1b.json" ;;
   5) run timeout 250 python3 bench/cache_build_bench.py --shapes 1b --examples 2048 \
-       --variant "build.writers_per_actor=6" --variant "store.clevel=1" --json "$OUT/cache_build_1b.json"
-     run timeout 300 python3 bench/cache_build_bench.py --shapes 3b --examples 1024 \
-       --variant "build.writers_per_actor=6" --json "$OUT/cache_build_3b.json" ;;
+       --variant "build.writers_per_actor=8" --variant "store.clevel=1" --variant "build.writer_threads=3" \
+       --json "$OUT/cache_build_1b.json"
+     run timeout 200 python3 bench/cache_build_bench.py --shapes 3b --examples 1024 \
+       --variant "build.writers_per_actor=8" --json "$OUT/cache_build_3b.json" ;;
   6) run timeout 400 python3 bench/teacher_profile.py --shape 1b --examples 1024 ;;
 esac
 tail -n 60 "$log"

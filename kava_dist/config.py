@@ -173,10 +173,10 @@ class BuildConfig:
     """Ray cluster to join ('' = $RAY_ADDRESS, as set by `ray job submit`, else a local Ray started here)."""
     object_store_mb: int = 0
     """Object store of a local Ray started by the job (0 = Ray's default, 30% of RAM)."""
-    writers_per_actor: int = 4
+    writers_per_actor: int = 6
     """Write actors (processes on the teacher's node) per teacher actor: they compress and write shards while the
     teacher computes, one shard at a time each. Raise it when the build summary shows more write than compute
-    time and the node has spare cores (one Llama-1B H100 teacher needs ~4 at zstd:3)."""
+    time and the node has spare cores (see BENCHMARKS.md for an H100 with 16 cores)."""
     writer_threads: int = 2
     """zarr codec threads in each write actor (0 = zarr's default, about the node's core count)."""
     cpus_per_writer: float = 0.0

@@ -156,8 +156,9 @@ class TeacherTargets:
         return arrays
 
     def launch(self, items: list[Encoded]) -> list:
-        """Launch every batch of a shard on the device (no sync): [(batch items, arrays | None, error | None)].
-        A batch that raises at launch (e.g. out of memory) is kept with its error for `finish` to redo."""
+        """Launch every batch of a shard on the device (no sync). Returns {"batches": [(items, arrays | None,
+        error | None)], "done": CUDA event after the last batch}. A batch that raises at launch (e.g. out of
+        memory) is kept with its error for `finish` to redo."""
         launched = []
         for chunk in self.batches(items):
             try:
@@ -166,7 +167,20 @@ class TeacherTargets:
                 if "out of memory" in str(err).lower() and torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 launched.append((chunk, None, err))
-        return launched
+        done = None
+        if self.device.type == "cuda":                     # finish() copies out once this shard's work is done
+            done = torch.cuda.Event()
+            done.record()
+        return {"batches": launched, "done": done}
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        """Device tensor -> pinned host copy, queued on the current (copy) stream; the caller synchronises it.
+        (A pageable copy runs at ~1.6 GB/s on an H100 host and blocks the stream; pinned runs at PCIe speed.)"""
+        if not t.is_cuda:
+            return t
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        return h
 
     def finish(self, launched: list, relaunch_lock=None) -> tuple[dict[str, torch.Tensor], dict]:
         """Wait for a launched shard, redo failed or non-finite batches one example at a time (examples that still
@@ -174,10 +188,21 @@ class TeacherTargets:
         of the next shard may run meanwhile; `relaunch_lock` (if given) is held while redoing examples."""
         from contextlib import nullcontext
 
-        finite = [a["_finite"] for _, a, _ in launched if a is not None]
-        ok = iter(torch.stack(finite).cpu().tolist() if finite else [])    # the one sync of the shard
+        cuda = self.device.type == "cuda"
+        if cuda and not hasattr(self, "_copy_stream"):
+            self._copy_stream = torch.cuda.Stream()
+        on_copy_stream = torch.cuda.stream(self._copy_stream) if cuda else nullcontext()
+        batches = launched["batches"]
+        finite = [a["_finite"] for _, a, _ in batches if a is not None]
+        if cuda:     # the copies wait for this shard's work only, not for the next shard launched meanwhile
+            self._copy_stream.wait_event(launched["done"])
+        with on_copy_stream:
+            flags = self._host(torch.stack(finite)) if finite else None
+        if cuda:
+            self._copy_stream.synchronize()                              # the one wait of the shard
+        ok = iter(flags.tolist() if flags is not None else [])
         parts, quarantined, tokens = [], [], 0
-        for chunk, arrays, err in launched:
+        for chunk, arrays, err in batches:
             if arrays is not None and next(ok):
                 parts.append(arrays)
                 tokens += sum(e.teacher_len for e in chunk)
@@ -195,9 +220,14 @@ class TeacherTargets:
                     except Exception as one_err:  # noqa: BLE001 - quarantined with its error, never fatal
                         quarantined.append({"example_id": e.id, "error": repr(one_err),
                                             "trace": traceback.format_exc(limit=3)})
+                if cuda:
+                    self._copy_stream.wait_stream(torch.cuda.current_stream())
         if not parts:
             raise RuntimeError(f"every example of the shard failed; first error: {quarantined[0]['error']}")
-        arrays = {k: torch.cat([p[k] for p in parts], dim=0).cpu() for k in parts[0] if k != "_finite"}
+        with on_copy_stream:
+            arrays = {k: self._host(torch.cat([p[k] for p in parts], dim=0)) for k in parts[0] if k != "_finite"}
+        if cuda:
+            self._copy_stream.synchronize()
         return arrays, {"tokens": tokens, "quarantined": quarantined, "rows": int(arrays["example_id"].shape[0])}
 
     def process(self, items: list[Encoded]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -53,3 +53,31 @@ def test_jacobi_equals_sequential_on_cuda(tiny_paths):
         a = student_forward(model, batch, special, cfg.latent)
         b = student_forward(model, batch, special, cfg1.latent)   # more iterations than M: a fixed point
     torch.testing.assert_close(a.k_BLHMD, b.k_BLHMD, atol=1e-4, rtol=1e-3)
+
+
+def test_cache_processor_pipelined_on_cuda(tiny_paths, monkeypatch):
+    """Shard 2 launched before shard 1 is finished (as a build actor does) gives the same arrays as one shard at
+    a time; the arrays land in pinned host memory; a non-finite example is quarantined on the device path."""
+    from kava_dist.config import to_dict
+    from kava_dist.prompts import Example, encode_examples, split_steps
+    from kava_dist.targets import TeacherTargets
+    from kava_testing import QUESTIONS, make_cfg
+
+    monkeypatch.setenv("KAVA_BUILD_FAULT", "nan_example:4")
+    cfg = make_cfg(tiny_paths["llama"], **{"model.dtype": "bfloat16", "build.batch_size": 2})
+    proc = TeacherTargets(to_dict(cfg))
+    exs = [Example(id=i, question=q, steps=split_steps(c, "equation"), answer=a) for i, (q, c, a) in enumerate(QUESTIONS)]
+    enc, _ = encode_examples(exs, proc.tokenizer, answer_prompt=cfg.data.answer_prompt)
+    one, two = enc[:3], enc[3:]
+    ref1, ref2 = proc.process(one), proc.process(two)
+    l1 = proc.launch(one)
+    l2 = proc.launch(two)
+    got1, got2 = proc.finish(l1), proc.finish(l2)
+    for (a, ia), (b, ib) in ((ref1, got1), (ref2, got2)):
+        assert a.keys() == b.keys()
+        assert [q["example_id"] for q in ia["quarantined"]] == [q["example_id"] for q in ib["quarantined"]]
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert got1["k"].is_pinned() and not got1["k"].is_cuda
+    assert [q["example_id"] for q in got2[1]["quarantined"]] == [4]
+    assert 4 not in got2[0]["example_id"].tolist() and len(got2[0]["example_id"]) == len(two) - 1
