@@ -28,18 +28,17 @@ case $part in
      run python3 bench/cache_build_bench.py --shapes 1b --examples 512 --json "$OUT/cache_build_bench_1b.json" ;;
   2) run python3 bench/cache_build_bench.py --shapes 1b,3b --examples 512 --json "$OUT/cache_build_bench.json"
      run python3 bench/store_bench.py --dir /tmp/store_bench --gpu-ex-per-s "${GPU_EX_PER_S:-200}" --json "$OUT/store_bench.json" ;;
-  3) run python3 bench/cache_build_bench.py --shapes 1b --examples 512 --actors 2 --json "$OUT/cache_build_2gpu.json"
+  3) run timeout 240 python3 bench/cache_build_bench.py --shapes 1b --examples 4096 --actors 2 --json "$OUT/cache_build_2gpu.json"
      run python3 bench/train_bench.py --shape 1b --out "$OUT/train_1gpu.json"
      run deepspeed --num_gpus 2 bench/train_bench.py --shape 1b --world 2 --compare "$OUT/train_1gpu.json" --out "$OUT/train_2gpu.json" ;;
   4) run timeout 90 python3 bench/codec_bench.py --shape 16,8,24,64 --rows 64 --codecs zstd:3,zstd:1 --writers 1,2,4,8
      run timeout 420 python3 bench/cache_build_bench.py --shapes 1b --examples 2048 --cudnn-check \
        --variant "model.sdpa_backends=[cudnn,flash,efficient,math]" --variant "store.clevel=1 build.writes_in_flight=4" \
        --json "$OUT/cache_build_diag_1b.json" ;;
-  5) run timeout 250 python3 bench/cache_build_bench.py --shapes 1b --examples 2048 \
-       --variant "build.writers_per_actor=8" --variant "store.clevel=1" --variant "build.writer_threads=3" \
-       --json "$OUT/cache_build_1b.json"
-     run timeout 200 python3 bench/cache_build_bench.py --shapes 3b --examples 1024 \
-       --variant "build.writers_per_actor=8" --json "$OUT/cache_build_3b.json" ;;
+  5) run timeout 60 python3 -m pytest tests/gpu -q -p no:cacheprovider
+     run timeout 260 python3 bench/cache_build_bench.py --shapes 1b --examples 8192 \
+       --variant "build.writers_per_actor=8" --json "$OUT/cache_build_1b.json"
+     run timeout 200 python3 bench/cache_build_bench.py --shapes 3b --examples 2048 --json "$OUT/cache_build_3b.json" ;;
   6) run timeout 400 python3 bench/teacher_profile.py --shape 1b --examples 1024 ;;
 esac
 tail -n 60 "$log"

@@ -81,6 +81,9 @@ class BuildReport:
     """Of `seconds`, the time until the first actor was ready (model load); rates exclude it."""
     active_s: float = 0.0
     """From the first shard's compute start to the last shard's write end (rates over the work itself)."""
+    steady_rows_per_s: float = 0.0
+    """Rows published per second between the first and the last shard publish (no pipeline fill; the rate a
+    long build runs at)."""
     compute_s: float = 0.0
     write_s: float = 0.0
     overlap_s: float = 0.0
@@ -333,7 +336,8 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
         report.quarantined.extend(meta["quarantined"])
         report.compute_s += meta["compute"][1] - meta["compute"][0]
         report.write_s += res["write"][1] - res["write"][0]
-        report.timeline.append({"shard": s, "actor": g.key, "compute": meta["compute"], "write": res["write"]})
+        report.timeline.append({"shard": s, "actor": g.key, "rows": res["rows"], "compute": meta["compute"],
+                                "write": res["write"]})
         el = max(time.time() - t_start - report.startup_s, 1e-9)
         bar.set_postfix_str(f"shards {report.shards_written + report.shards_skipped}/{report.shards_total}, "
                             f"{report.tokens / el:,.0f} tok/s", refresh=False)
@@ -372,6 +376,10 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
     if report.timeline:
         report.active_s = (max(r["write"][1] for r in report.timeline)
                            - min(r["compute"][0] for r in report.timeline))
+        ends = sorted(report.timeline, key=lambda r: r["write"][1])
+        if len(ends) > 1 and ends[-1]["write"][1] > ends[0]["write"][1]:
+            report.steady_rows_per_s = (sum(r["rows"] for r in ends[1:])
+                                        / (ends[-1]["write"][1] - ends[0]["write"][1]))
     return report
 
 

@@ -244,8 +244,12 @@ class StoreWriter(StoreView):
                     parts[f"{f.name}.{role}"] = v
         blocks = {}
         for arr in self.spec.stored_arrays():
+            p = parts[arr.path]
+            if rows == self.shard_size and p.dtype == arr.dtype:       # a full shard: no padded copy needed
+                blocks[arr.path] = np.ascontiguousarray(p)
+                continue
             b = np.zeros((self.shard_size, *arr.shape), dtype=arr.dtype)
-            b[:rows] = parts[arr.path]
+            b[:rows] = p
             blocks[arr.path] = b
         return blocks
 

@@ -97,7 +97,9 @@ def summary_text(result, stats: dict, data_report: dict, quarantined: list[dict]
         f"  store           {stats['url']} (fingerprint {stats['fingerprint']})",
         f"  shards          {stats['shards_done']}/{stats['shards_total']} done: {result.shards_written} written now, "
         f"{result.shards_skipped} already done, {len(result.failed)} failed",
-        f"  examples        {stats['rows']} stored ({result.rows} now, {result.rows / span:.1f}/s); "
+        f"  examples        {stats['rows']} stored ({result.rows} now, {result.rows / span:.1f}/s"
+        + (f", {result.steady_rows_per_s:.1f}/s between first and last publish" if result.steady_rows_per_s else "")
+        + f"); "
         f"{data_report.get('rows', '?')} rows read, {data_report.get('kept', '?')} kept",
         f"  skipped         {sum(skipped.values())} by the data check ({why}); {len(quarantined)} quarantined by the "
         f"teacher (meta/quarantine.json)",

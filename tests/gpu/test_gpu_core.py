@@ -78,6 +78,6 @@ def test_cache_processor_pipelined_on_cuda(tiny_paths, monkeypatch):
         assert [q["example_id"] for q in ia["quarantined"]] == [q["example_id"] for q in ib["quarantined"]]
         for k in a:
             assert torch.equal(a[k], b[k]), k
-    assert got1["k"].is_pinned() and not got1["k"].is_cuda
+    assert got1[0]["k"].is_pinned() and not got1[0]["k"].is_cuda
     assert [q["example_id"] for q in got2[1]["quarantined"]] == [4]
     assert 4 not in got2[0]["example_id"].tolist() and len(got2[0]["example_id"]) == len(two) - 1
