@@ -28,9 +28,11 @@ case $part in
      run python3 bench/cache_build_bench.py --shapes 1b --examples 512 --json "$OUT/cache_build_bench_1b.json" ;;
   2) run python3 bench/cache_build_bench.py --shapes 1b,3b --examples 512 --json "$OUT/cache_build_bench.json"
      run python3 bench/store_bench.py --dir /tmp/store_bench --gpu-ex-per-s "${GPU_EX_PER_S:-200}" --json "$OUT/store_bench.json" ;;
-  3) run timeout 240 python3 bench/cache_build_bench.py --shapes 1b --examples 4096 --actors 2 --json "$OUT/cache_build_2gpu.json"
-     run python3 bench/train_bench.py --shape 1b --out "$OUT/train_1gpu.json"
-     run deepspeed --num_gpus 2 bench/train_bench.py --shape 1b --world 2 --compare "$OUT/train_1gpu.json" --out "$OUT/train_2gpu.json" ;;
+  3) run timeout 200 python3 bench/cache_build_bench.py --shapes 1b --examples 4096 --actors 2 --json "$OUT/cache_build_2gpu.json"
+     # equal global batch (128) and equal micro-batch per GPU: 1 GPU accumulates 2 micro-steps, 2 GPUs one each
+     run timeout 170 python3 bench/train_bench.py --shape 1b --global-batch 128 --rounds 2 --out "$OUT/train_1gpu.json"
+     run timeout 170 deepspeed --num_gpus 2 bench/train_bench.py --shape 1b --global-batch 128 --rounds 2 --world 2 \
+       --compare "$OUT/train_1gpu.json" --out "$OUT/train_2gpu.json" ;;
   4) run timeout 90 python3 bench/codec_bench.py --shape 16,8,24,64 --rows 64 --codecs zstd:3,zstd:1 --writers 1,2,4,8
      run timeout 420 python3 bench/cache_build_bench.py --shapes 1b --examples 2048 --cudnn-check \
        --variant "model.sdpa_backends=[cudnn,flash,efficient,math]" --variant "store.clevel=1 build.writes_in_flight=4" \
