@@ -5,12 +5,13 @@
 #   part 3: 2-GPU scaling of the cache build and of training                 (2 GPUs)
 #   part 4: where the cache build's time goes (1B): store write capacity, bare passes with and without
 #           cuDNN SDPA, the job with the defaults / cuDNN allowed / a faster write setting  (1 GPU)
+#   part 7: student MFU vs micro-batch (64, 128) and with per-layer torch.compile                    (1 H200)
 #   part 6: where a cache-build actor's compute time goes (1B; stage timings + torch.profiler tables)   (1 GPU)
 #   part 5: the cache build job (teacher actor + write actors) vs bare, 1B and 3B, with write variants (1 GPU)
 # Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
 # Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh 1|2|3|4|5|6}
+part=${1:?usage: gpu_suite.sh 1|2|3|4|5|6|7}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ ! -d /tmp/site/ray ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -42,5 +43,11 @@ case $part in
        --variant "build.writers_per_actor=8" --json "$OUT/cache_build_1b.json"
      run timeout 200 python3 bench/cache_build_bench.py --shapes 3b --examples 2048 --json "$OUT/cache_build_3b.json" ;;
   6) run timeout 400 python3 bench/teacher_profile.py --shape 1b --examples 1024 ;;
+  7) for m in 64 128; do   # MFU leads for issue 5: micro-batch size, then per-layer torch.compile (1 GPU, H200 memory)
+       run timeout 150 python3 bench/train_bench.py --shape 1b --variants student --global-batch 128 --micro-batch $m \
+         --rounds 2 --out "$OUT/train_student_m$m.json"
+     done
+     run timeout 240 python3 bench/train_bench.py --shape 1b --variants student --global-batch 128 --micro-batch 128 \
+       --rounds 2 --compile --out "$OUT/train_student_m128_compile.json" ;;
 esac
 tail -n 60 "$log"
