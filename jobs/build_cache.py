@@ -172,12 +172,13 @@ def main(argv=None) -> int:
         except ValueError as e:
             log.error("%s", e)
             return EXIT_USAGE
-        log.info("store %s: %d examples in %d shards of %d (%d already done); %d actor(s), %g GPU and %g CPU "
-                 "each; fingerprint %s", cfg.store.path, len(encoded), len(shards), spec.shard_size, len(done),
-                 n_actors, per, cfg.build.cpus_per_actor, digest)
+        writers = cfg.build.writers_per_actor or (6 if per > 0 else 1)
+        log.info("store %s: %d examples in %d shards of %d (%d already done); %d teacher actor(s), %g GPU and %g CPU "
+                 "each, %d write actors each; fingerprint %s", cfg.store.path, len(encoded), len(shards),
+                 spec.shard_size, len(done), n_actors, per, cfg.build.cpus_per_actor, writers, digest)
         settings = BuildSettings(num_actors=n_actors, num_gpus=per, num_cpus=cfg.build.cpus_per_actor,
                                  max_retries=cfg.build.max_retries, writes_in_flight=cfg.build.writes_in_flight,
-                                 writers_per_actor=cfg.build.writers_per_actor, writer_threads=cfg.build.writer_threads,
+                                 writers_per_actor=writers, writer_threads=cfg.build.writer_threads,
                                  cpus_per_writer=cfg.build.cpus_per_writer)
         try:
             result = build_store(store_args, shards, functools.partial(TeacherTargets, to_dict(cfg)), settings)

@@ -174,10 +174,10 @@ class BuildConfig:
     """Ray cluster to join ('' = $RAY_ADDRESS, as set by `ray job submit`, else a local Ray started here)."""
     object_store_mb: int = 0
     """Object store of a local Ray started by the job (0 = Ray's default, 30% of RAM)."""
-    writers_per_actor: int = 6
+    writers_per_actor: int = 0
     """Write actors (processes on the teacher's node) per teacher actor: they compress and write shards while the
-    teacher computes, one shard at a time each. Raise it when the build summary shows more write than compute
-    time and the node has spare cores (see BENCHMARKS.md for an H100 with 16 cores)."""
+    teacher computes, one shard at a time each (0 = 6 per GPU teacher, 1 per CPU teacher). Raise it when the
+    build's steady rate trails the teacher and the node has spare cores (BENCHMARKS.md: an H100, 16 cores)."""
     writer_threads: int = 2
     """zarr codec threads in each write actor (0 = zarr's default, about the node's core count)."""
     cpus_per_writer: float = 0.0
@@ -472,12 +472,12 @@ def validate(cfg: KavaConfig) -> None:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" Did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}.{hint}")
-    positive = ["build.writers_per_actor", "latent.num_latents", "latent.num_iterations", "lora.r", "train.global_batch", "train.log_every",
+    positive = ["latent.num_latents", "latent.num_iterations", "lora.r", "train.global_batch", "train.log_every",
                 "train.micro_batch", "build.batch_size", "eval.batch_size", "eval.max_new_tokens", "data.max_tokens"]
     for name in positive:
         if get_field(cfg, name) < 1:
             raise ConfigError(f"{name}={get_field(cfg, name)} must be >= 1.")
-    nonneg = ["build.writes_in_flight", "build.writer_threads", "build.cpus_per_writer", "loss.student_ce", "loss.teacher_ce", "loss.offline_teacher_ce", "loss.alpha_codi", "loss.alpha_kv", "train.lr",
+    nonneg = ["build.writers_per_actor", "build.writes_in_flight", "build.writer_threads", "build.cpus_per_writer", "loss.student_ce", "loss.teacher_ce", "loss.offline_teacher_ce", "loss.alpha_codi", "loss.alpha_kv", "train.lr",
               "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit",
               "train.stop_at_step", "train.keep_checkpoints", "train.save_every", "train.eval_every"]
     for name in nonneg:

@@ -32,6 +32,8 @@ def test_defaults_and_dotted_overrides():
     ("latent.num_latents=abc", ["latent.num_latents", "int"]),
     ("lora.r=0", ["lora.r", ">= 1"]),
     ("loss.alpha_kv", ["section.key=value"]),
+    ("model.sdpa_backends=[flash,cudn]", ["model.sdpa_backends", "['cudn']", "flash, efficient, cudnn, math"]),
+    ("build.writers_per_actor=-1", ["build.writers_per_actor", ">= 0"]),
 ])
 def test_errors_name_field_and_fix(override, words):
     with pytest.raises(ConfigError) as e:
