@@ -219,6 +219,33 @@ def run_block(engine, loader, start: int, steps: int, accum: int, dev) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def profile_step(engines, loaders, plans, step: int, dev) -> None:
+    """One optimizer step of each variant under torch.profiler: device busy time vs wall time, the device time
+    by kernel family, and the top kernels (what bounds the step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for v, engine in engines.items():
+        sync(dev)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            run_block(engine, loaders[v], step, 1, plans[v].accum, dev)
+            wall = time.perf_counter() - t0
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        fam: dict[str, float] = {}
+        for e in kernels:
+            n = e.key.lower()
+            f = ("gemm" if any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")) and "fmha" not in n
+                 else "attention" if any(k in n for k in ("fmha", "flash", "attention")) else
+                 "copy/cast" if any(k in n for k in ("memcpy", "copy", "cast")) else
+                 "reduce/norm" if any(k in n for k in ("reduce", "norm", "softmax")) else "elementwise/other")
+            fam[f] = fam.get(f, 0.0) + e.self_device_time_total / 1e6
+        print(f"[train_bench] profile {v}: wall {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%}); "
+              + ", ".join(f"{k} {t:.3f} s" for k, t in sorted(fam.items(), key=lambda kv: -kv[1])), flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70),
+              flush=True)
+
+
 def bench_cfg(shape: str, args, micro: int, bf16: bool):
     over = ["lora.r=128", "lora.alpha=32", "lora.dropout=0.1", "latent.num_latents=24", "latent.num_iterations=3",
             f"train.global_batch={args.global_batch}", f"train.micro_batch={micro}", "train.zero_stage=2",
@@ -279,6 +306,8 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
             if r >= args.warmup:
                 times[v].append(dt)
         step += args.steps
+    if args.profile and dev.type == "cuda":
+        profile_step(engines, loaders, plans, step, dev)
     # FLOPs of a global step: mean over the steps of one epoch of the plan (all ranks' examples)
     plan = plans[variants[0]]
     step_flops = {v: statistics.mean(flops.step(v, [items[i] for i in plan.global_indices(s)])
@@ -316,7 +345,8 @@ def report(rows: list[dict], args, is_main: bool) -> None:
               f"global_batch={r['global_batch']} (micro {r['micro_batch']} x accum {r['accum']} x world {r['world']}) "
               f"{r['precision']} targets={r['targets']}: step {r['step_s']:.3f} s, {r['samples_per_s']:.1f} samples/s, "
               f"{r['tokens_per_s']:.0f} tok/s, {r['achieved_tflops']:.3g} TFLOP/s, MFU {100 * r['mfu']:.3g}% "
-              f"(peak {args.peak_tflops:g}), peak mem {r['peak_mem_gib']:.1f} GiB (both variants' models resident)",
+              f"(peak {args.peak_tflops:g}), peak mem {r['peak_mem_gib']:.1f} GiB"
+              + (" (both variants' models resident)" if "," in args.variants else ""),
               flush=True)
     for shape in dict.fromkeys(r["shape"] for r in rows):
         by = {r["variant"]: r for r in rows if r["shape"] == shape}
@@ -357,6 +387,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of one device (H100 SXM bf16: 989)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic shapes)")
     ap.add_argument("--variants", default="student,online", help="which variants to measure")
+    ap.add_argument("--profile", action="store_true", help="after timing, profile one step of each variant")
     ap.add_argument("--world", type=int, default=1, help="expected number of processes (run under `deepspeed --num_gpus N`)")
     ap.add_argument("--compare", default="", help="a JSON written by --out with another world size: print the scaling")
     ap.add_argument("--out", default="", help="write the results as JSON here")
