@@ -79,6 +79,9 @@ def random_backbone(shape: str, cfg, device: torch.device, dtype: torch.dtype):
     """A random-init Llama of `shape` + KaVa tokens + projection, wrapped in the paper's LoRA (as the trainer does)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from kava_dist.backbone import set_sdpa_backends
+
+    set_sdpa_backends(cfg.model.sdpa_backends)            # the attention kernels the trainer would use
     tok = char_tokenizer()
     special = add_special_tokens(tok)
     s = dict(SHAPES[shape])
@@ -212,7 +215,8 @@ def run_block(engine, loader, start: int, steps: int, accum: int, dev) -> float:
     sync(dev)
     t0 = time.perf_counter()
     for _, micro, batch, targets in loader.iterate(start, start + steps):
-        terms = engine(batch.to(dev), targets)
+        batch = batch.to(dev, non_blocking=True)                  # pinned by the loader (as in the trainer)
+        terms = engine(batch, None if targets is None else targets.to(dev, non_blocking=True))
         engine.backward(terms["loss"])
         engine.step()
     sync(dev)

@@ -136,11 +136,18 @@ class TokenLoader:
             for j, idx in enumerate(self.plan.micro_indices(step, self.rank)):
                 yield step, j, idx
 
+    def _make_pinned(self, key):
+        step, micro, batch, targets = self._make(key)
+        return step, micro, batch.pin_memory(), None if targets is None else targets.pin_memory()
+
     def iterate(self, start_step: int, num_steps: int) -> Iterator[tuple[int, int, object, Targets | None]]:
+        """(step, micro index, Batch, Targets | None) on the host; with CUDA in page-locked memory (pinned in the
+        prefetch thread), so the trainer's `.to(device, non_blocking=True)` lets the host run ahead of the GPU."""
+        make = self._make_pinned if torch.cuda.is_available() else self._make
         if self.prefetch <= 0:
-            yield from map(self._make, self._keys(start_step, num_steps))
+            yield from map(make, self._keys(start_step, num_steps))
             return
-        pf = _Prefetcher(self._make, self._keys(start_step, num_steps), self.prefetch)
+        pf = _Prefetcher(make, self._keys(start_step, num_steps), self.prefetch)
         try:
             yield from pf
         finally:

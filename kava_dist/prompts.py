@@ -273,9 +273,14 @@ class Batch:
     ans_mask: torch.Tensor   # [B, A] bool
     prompt_len: int          # tokens of the answer prompt (same for every row)
 
-    def to(self, device) -> "Batch":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        moved = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
         return Batch(**moved)
+
+    def pin_memory(self) -> "Batch":
+        """A copy in page-locked host memory, so `.to(cuda, non_blocking=True)` does not stall the host."""
+        return Batch(**{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
 
     def __len__(self) -> int:
         return self.ids.shape[0]

@@ -32,10 +32,20 @@ class Targets:
     codi_BLd: torch.Tensor
     index_BLHM: torch.Tensor | None = None
 
-    def to(self, device=None, dtype=None) -> "Targets":
-        f = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
-        return Targets(f(self.k_BLHMD), f(self.v_BLHMD), self.valid_BLHM.to(device), f(self.codi_BLd),
-                       None if self.index_BLHM is None else self.index_BLHM.to(device))
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "Targets":
+        def f(t, cast=True):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if cast and t.is_floating_point() else None,
+                        non_blocking=non_blocking)
+
+        return Targets(f(self.k_BLHMD), f(self.v_BLHMD), f(self.valid_BLHM, False), f(self.codi_BLd),
+                       f(self.index_BLHM, False))
+
+    def pin_memory(self) -> "Targets":
+        """A copy in page-locked host memory (see Batch.pin_memory)."""
+        f = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Targets(f(self.k_BLHMD), f(self.v_BLHMD), f(self.valid_BLHM), f(self.codi_BLd), f(self.index_BLHM))
 
     def as_arrays(self) -> dict[str, torch.Tensor]:
         """Per-example field tensors in the store's layout (leading axis = example)."""

@@ -234,7 +234,9 @@ class Trainer:
         self.engine.train()
         for step, micro, batch, targets in self.loader.iterate(self.start_step, end):
             tokens += batch.num_tokens
-            batch = batch.to(self.dist.device)
+            batch = batch.to(self.dist.device, non_blocking=True)     # pinned by the loader: no host stall
+            if targets is not None:
+                targets = targets.to(self.dist.device, non_blocking=True)
             terms = self.engine(batch, targets)
             self.engine.backward(terms["loss"])
             for k, v in terms.items():

@@ -81,3 +81,24 @@ def test_cache_processor_pipelined_on_cuda(tiny_paths, monkeypatch):
     assert got1[0]["k"].is_pinned() and not got1[0]["k"].is_cuda
     assert [q["example_id"] for q in got2[1]["quarantined"]] == [4]
     assert 4 not in got2[0]["example_id"].tolist() and len(got2[0]["example_id"]) == len(two) - 1
+
+
+def test_loader_pins_batches_for_non_blocking_copies(tiny_paths):
+    """With CUDA, micro-batches come out of the loader in page-locked memory; a non-blocking copy is exact."""
+    from kava_dist.loader import GlobalBatchPlan, TokenLoader
+    from kava_dist.step import Targets
+
+    cfg, model, tok, special = build(tiny_paths, "llama", lora=False)
+    _, enc = make_batch(tok, special)
+    loader = TokenLoader(enc, GlobalBatchPlan(len(enc), 4, 2, 1, seed=0), 0, special.pad, prefetch=2)
+    _, _, batch, _ = next(iter(loader.iterate(0, 1)))
+    assert batch.q_ids.is_pinned() and batch.cot_mask.is_pinned()
+    on_gpu = batch.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.q_ids.cpu(), batch.q_ids)
+    t = Targets(torch.randn(2, 2, 2, 4, 8), torch.randn(2, 2, 2, 4, 8), torch.ones(2, 2, 2, 4, dtype=torch.bool),
+                torch.randn(2, 2, 16)).pin_memory()
+    g = t.to("cuda", dtype=torch.bfloat16, non_blocking=True)
+    torch.cuda.synchronize()
+    assert g.k_BLHMD.dtype == torch.bfloat16 and g.valid_BLHM.dtype == torch.bool
+    assert torch.equal(g.k_BLHMD.cpu(), t.k_BLHMD.to(torch.bfloat16))
