@@ -116,6 +116,8 @@ class TeacherTargets:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher, self.tokenizer, self.special = load_teacher(self.cfg.model, device=self.device)
         self._nan_ids = _nan_fault_ids()
+        # finish() copies shards out on this stream (created here: two actor threads call finish concurrently)
+        self._copy_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         self._warmup()
 
     def _warmup(self) -> None:
@@ -189,8 +191,6 @@ class TeacherTargets:
         from contextlib import nullcontext
 
         cuda = self.device.type == "cuda"
-        if cuda and not hasattr(self, "_copy_stream"):
-            self._copy_stream = torch.cuda.Stream()
         on_copy_stream = torch.cuda.stream(self._copy_stream) if cuda else nullcontext()
         batches = launched["batches"]
         finite = [a["_finite"] for _, a, _ in batches if a is not None]
