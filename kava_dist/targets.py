@@ -157,7 +157,7 @@ class TeacherTargets:
         arrays["cot_len"] = cpu_batch.cot_mask.sum(1).to(torch.int32)
         return arrays
 
-    def launch(self, items: list[Encoded]) -> list:
+    def launch(self, items: list[Encoded]) -> dict:
         """Launch every batch of a shard on the device (no sync). Returns {"batches": [(items, arrays | None,
         error | None)], "done": CUDA event after the last batch}. A batch that raises at launch (e.g. out of
         memory) is kept with its error for `finish` to redo."""
@@ -184,7 +184,7 @@ class TeacherTargets:
         h.copy_(t, non_blocking=True)
         return h
 
-    def finish(self, launched: list, relaunch_lock=None) -> tuple[dict[str, torch.Tensor], dict]:
+    def finish(self, launched: dict, relaunch_lock=None) -> tuple[dict[str, torch.Tensor], dict]:
         """Wait for a launched shard, redo failed or non-finite batches one example at a time (examples that still
         fail are quarantined), and copy the shard's arrays to the host in one transfer per field. Device work
         of the next shard may run meanwhile; `relaunch_lock` (if given) is held while redoing examples."""
