@@ -140,15 +140,13 @@ def run_job(args, ov: list[str]) -> dict:
 def job_batches(cfg):
     """The teacher batches of the job's shard plan (same length sort, same batch size), on the CPU."""
     from kava_dist.backbone import load_tokenizer
-    from kava_dist.prompts import add_special_tokens, collate, encode_examples, load_examples
+    from kava_dist.prompts import add_special_tokens, collate, load_training_set
     from kava_dist.targets import plan_shards, store_spec
     from kava_dist.teacher import teacher_sequence
 
     tok = load_tokenizer(cfg.model)
     special = add_special_tokens(tok)
-    d = cfg.data
-    ex, rep = load_examples(d.train_path, d.cot_style, d.numeric_answer, d.limit)
-    enc, rep = encode_examples(ex, tok, d.answer_prompt, d.drop_last_step, d.max_tokens, rep)
+    enc, _ = load_training_set(cfg.data, tok)
     shards = plan_shards(enc, store_spec(cfg).shard_size)
     bs = cfg.build.batch_size
     batches = [teacher_sequence(collate(items[i:i + bs], special.pad))

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     from kava_dist.backbone import load_tokenizer
     from kava_dist.config import load_config, to_dict
     from kava_dist.fingerprint import cache_fingerprint
-    from kava_dist.prompts import add_special_tokens, encode_examples, load_examples
+    from kava_dist.prompts import add_special_tokens, load_training_set
     from kava_dist.targets import TeacherTargets, plan_actors, plan_shards, store_spec
 
     cfg = load_config(args.config, args.overrides)
@@ -140,9 +140,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     tok = load_tokenizer(cfg.model)
     add_special_tokens(tok)
-    d = cfg.data
-    examples, report = load_examples(d.train_path, d.cot_style, d.numeric_answer, d.limit)
-    encoded, report = encode_examples(examples, tok, d.answer_prompt, d.drop_last_step, d.max_tokens, report)
+    encoded, report = load_training_set(cfg.data, tok)
     log.info("data: %s", report.summary())
     if not encoded:
         log.error("no example left after the data check (%s); check data.train_path / data.max_tokens",

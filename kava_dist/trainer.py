@@ -39,7 +39,7 @@ from kava_dist import engine as E
 from kava_dist.backbone import add_lora, load_adapter, load_backbone
 from kava_dist.config import KavaConfig, save_config
 from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store
-from kava_dist.prompts import collate, encode_examples, load_examples
+from kava_dist.prompts import collate, encode_examples, load_examples, load_training_set
 from kava_dist.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,7 @@ class Trainer:
         model, self.tokenizer, self.special = load_backbone(mcfg, latent=cfg.latent, device=dist.device)
         init = cfg.model.student_init_adapter if tc.stage in ("student", "online", "nocot") else ""
         model = load_adapter(model, init, trainable=True) if init else add_lora(model, self.special, cfg.lora, cfg.latent)
-        examples, report = load_examples(cfg.data.train_path, cfg.data.cot_style, cfg.data.numeric_answer, cfg.data.limit)
-        encoded, report = encode_examples(examples, self.tokenizer, cfg.data.answer_prompt, cfg.data.drop_last_step,
-                                          cfg.data.max_tokens, report)
+        encoded, report = load_training_set(cfg.data, self.tokenizer)
         if dist.is_main:
             log.info("data: %s", report.summary())
             (self.rd.root / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
