@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kava_dist import engine as E  # noqa: E402
 from kava_dist.backbone import LatentProjection, add_lora  # noqa: E402
 from kava_dist.config import load_config  # noqa: E402
+from kava_dist.fused import apply_fused  # noqa: E402
 from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store  # noqa: E402
 from kava_dist.prompts import Encoded, add_special_tokens, collate  # noqa: E402
 from kava_dist.step import Targets, compute_targets  # noqa: E402
@@ -246,12 +247,12 @@ def profile_step(engines, loaders, plans, step: int, dev) -> None:
             fam[f] = fam.get(f, 0.0) + e.self_device_time_total / 1e6
         print(f"[train_bench] profile {v}: wall {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%}); "
               + ", ".join(f"{k} {t:.3f} s" for k, t in sorted(fam.items(), key=lambda kv: -kv[1])), flush=True)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70),
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
               flush=True)
 
 
-def bench_cfg(shape: str, args, micro: int, bf16: bool):
-    over = ["lora.r=128", "lora.alpha=32", "lora.dropout=0.1", "latent.num_latents=24", "latent.num_iterations=3",
+def bench_cfg(shape: str, args, micro: int, bf16: bool, fused: str = "auto"):
+    over = [f"model.fused_kernels={fused}", "lora.r=128", "lora.alpha=32", "lora.dropout=0.1", "latent.num_latents=24", "latent.num_iterations=3",
             f"train.global_batch={args.global_batch}", f"train.micro_batch={micro}", "train.zero_stage=2",
             f"train.precision={'bf16' if bf16 else 'fp32'}", "train.warmup_ratio=0", "train.max_steps=100000",
             "store.dtype=bf16"]
@@ -267,25 +268,31 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
     bf16 = args.precision == "bf16" or (args.precision == "auto" and dev.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    micro = {"student": args.micro_batch or MICRO[shape][0], "online": args.online_micro_batch or MICRO[shape][1]}
-    cfgs = {v: bench_cfg(shape, args, micro[v], bf16) for v in variants}
+    stage = {v: v.split("@")[0] for v in variants}
+    fused = {v: v.split("@")[1] if "@" in v else args.fused for v in variants}
+    micro_of = {"student": args.micro_batch or MICRO[shape][0], "online": args.online_micro_batch or MICRO[shape][1]}
+    micro = {v: micro_of[stage[v]] for v in variants}
+    cfgs = {v: bench_cfg(shape, args, micro[v], bf16, fused[v]) for v in variants}
     cfg0 = next(iter(cfgs.values()))
     items = synth_examples(args.pool * args.global_batch, args.q_len, args.cot_len, args.ans_len, seed=0)
     plans = {v: GlobalBatchPlan(len(items), args.global_batch, micro[v], dist.world_size, seed=0) for v in variants}
-    engines, loaders, tmp, t_gen = {}, {}, None, 0.0
+    engines, loaders, tmp, t_gen, targets, patched = {}, {}, None, 0.0, None, {}
     for v in variants:
         model, special, mc = random_backbone(shape, cfgs[v], dev, dtype)
         flops = Flops(model, mc, cfg0)
-        if v == "student":
+        if stage[v] == "student" and targets is None:     # the same init for every variant: one set of targets
             t_gen = time.perf_counter()
             targets = make_targets(model, items, cfg0, special, dev, micro[v])
             t_gen = time.perf_counter() - t_gen
+        patched[v] = apply_fused(model, fused[v], dev)
+        if stage[v] == "student":
             if args.targets == "store":
                 from cache_store.reader import StoreReader
 
-                tmp = tempfile.TemporaryDirectory(prefix="kava_bench_store_", dir=args.store_dir or None)
+                if tmp is None:
+                    tmp = tempfile.TemporaryDirectory(prefix="kava_bench_store_", dir=args.store_dir or None)
+                    write_store(Path(tmp.name) / f"rank{dist.rank}", targets, cfg0, mc)
                 path = Path(tmp.name) / f"rank{dist.rank}"
-                write_store(path, targets, cfg0, mc)
                 reader = StoreReader(str(path))
                 aligned, rows, _ = align_store(reader, items)
                 loaders[v] = StoreLoader(reader, aligned, rows, plans[v], dist.rank, special.pad)
@@ -295,7 +302,7 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
             loaders[v] = TokenLoader(items, plans[v], dist.rank, special.pad, prefetch=4)
         if args.compile:
             E.compile_decoder_layers(model)
-        engines[v] = E.build_engine(E.StageModule(model, v, special, cfgs[v]), cfgs[v].train, 100000, dist)
+        engines[v] = E.build_engine(E.StageModule(model, stage[v], special, cfgs[v]), cfgs[v].train, 100000, dist)
         engines[v].train()
     times: dict[str, list[float]] = {v: [] for v in variants}
     mem: dict[str, float] = {v: 0.0 for v in variants}
@@ -314,7 +321,7 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
         profile_step(engines, loaders, plans, step, dev)
     # FLOPs of a global step: mean over the steps of one epoch of the plan (all ranks' examples)
     plan = plans[variants[0]]
-    step_flops = {v: statistics.mean(flops.step(v, [items[i] for i in plan.global_indices(s)])
+    step_flops = {v: statistics.mean(flops.step(stage[v], [items[i] for i in plan.global_indices(s)])
                                      for s in range(plan.steps_per_epoch)) for v in variants}
     tokens = statistics.mean(sum(e.teacher_len for e in (items[i] for i in plan.global_indices(s)))
                              for s in range(plan.steps_per_epoch))
@@ -324,14 +331,15 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
         tflops = step_flops[v] / t / 1e12
         out.append({"shape": shape, "variant": v, "world": dist.world_size, "global_batch": args.global_batch,
                     "micro_batch": micro[v], "accum": plans[v].accum, "precision": "bf16" if bf16 else "fp32",
-                    "targets": args.targets if v == "student" else "-", "step_s": t, "step_s_all": times[v],
+                    "targets": args.targets if stage[v] == "student" else "-", "step_s": t, "step_s_all": times[v],
                     "samples_per_s": args.global_batch / t, "tokens_per_s": tokens / t,
                     "model_tflops_per_step": step_flops[v] / 1e12, "achieved_tflops": tflops,
                     "mfu": tflops / (args.peak_tflops * dist.world_size), "peak_mem_gib": mem[v],
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "lengths": {"question": args.q_len, "cot": args.cot_len, "answer": args.ans_len},
                     "M": cfg0.latent.num_latents, "T": cfg0.latent.num_iterations, "lora_r": cfg0.lora.r,
-                    "compile": args.compile, "target_gen_s": t_gen})
+                    "compile": args.compile, "fused_kernels": fused[v], "fused_counts": patched[v],
+                    "target_gen_s": t_gen})
     del engines, loaders
     if tmp is not None:
         tmp.cleanup()
@@ -345,7 +353,7 @@ def report(rows: list[dict], args, is_main: bool) -> None:
     if not is_main:
         return
     for r in rows:
-        print(f"[train_bench] shape={r['shape']} world={r['world']} variant={r['variant']:7s} "
+        print(f"[train_bench] shape={r['shape']} world={r['world']} variant={r['variant']:11s} "
               f"global_batch={r['global_batch']} (micro {r['micro_batch']} x accum {r['accum']} x world {r['world']}) "
               f"{r['precision']} targets={r['targets']}: step {r['step_s']:.3f} s, {r['samples_per_s']:.1f} samples/s, "
               f"{r['tokens_per_s']:.0f} tok/s, {r['achieved_tflops']:.3g} TFLOP/s, MFU {100 * r['mfu']:.3g}% "
@@ -359,6 +367,12 @@ def report(rows: list[dict], args, is_main: bool) -> None:
             print(f"[train_bench] shape={shape} world={by['student']['world']}: student/online = {sp:.2f}x samples/s "
                   f"(target >= 1.5x: {'PASS' if sp >= 1.5 else 'FAIL'}); student MFU {100 * by['student']['mfu']:.1f}% "
                   f"(target >= 35%: {'PASS' if by['student']['mfu'] >= 0.35 else 'FAIL'})", flush=True)
+        for stage in ("student", "online"):      # the same stage with other kernels: ratio to the first listed
+            same = [r for name, r in by.items() if name.split("@")[0] == stage]
+            for r in same[1:]:
+                print(f"[train_bench] shape={shape} {stage}: model.fused_kernels={same[0]['fused_kernels']} vs "
+                      f"{r['fused_kernels']} = {same[0]['samples_per_s'] / r['samples_per_s']:.2f}x samples/s "
+                      f"(MFU {100 * same[0]['mfu']:.1f}% vs {100 * r['mfu']:.1f}%)", flush=True)
     if args.compare:
         base = {(r["shape"], r["variant"]): r for r in json.loads(Path(args.compare).read_text())["results"]}
         for r in rows:
@@ -390,7 +404,10 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 on GPU, fp32 on CPU")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of one device (H100 SXM bf16: 989)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic shapes)")
-    ap.add_argument("--variants", default="student,online", help="which variants to measure")
+    ap.add_argument("--variants", default="student,online", help="which variants to measure: student | online, "
+                    "each optionally @MODE to override --fused for it (e.g. student,student@hf: fused vs HF kernels)")
+    ap.add_argument("--fused", default="auto", help="model.fused_kernels of every variant without @MODE "
+                    "(auto = compile on CUDA, hf on CPU)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one step of each variant")
     ap.add_argument("--world", type=int, default=1, help="expected number of processes (run under `deepspeed --num_gpus N`)")
     ap.add_argument("--compare", default="", help="a JSON written by --out with another world size: print the scaling")

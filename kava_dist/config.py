@@ -42,6 +42,11 @@ class ModelConfig:
     """PyTorch SDPA kernels allowed, process-wide (flash | efficient | cudnn | math; empty = torch's default set).
     cuDNN is left out by default: torch picks it first for masked attention on Hopper/Blackwell and it builds a
     new plan (~0.3-1 s) for every unseen batch shape, which variable-length batches hit all the time."""
+    fused_kernels: str = "auto"
+    """Fused decoder kernels for training (kava_dist.fused): compile | eager | hf | auto (= compile on CUDA, hf on
+    CPU). `compile` replaces HF's RMSNorm, RoPE, SiLU x up and peft's LoRA scale-and-add with torch.compile'd
+    kernels (same arithmetic); `eager` runs those same functions uncompiled; `hf` runs the HF/peft modules as
+    they are."""
     teacher_adapter: str = ""
     """peft adapter dir of the CoT-fine-tuned teacher (output of `train.stage=teacher`); empty = base model."""
     student_init_adapter: str = ""
@@ -270,6 +275,7 @@ class KavaConfig:
 
 
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+FUSED_MODES = ("auto", "compile", "eager", "hf")
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("bfloat16", "float32", "float16"),
@@ -497,5 +503,7 @@ def validate(cfg: KavaConfig) -> None:
     if bad:
         raise ConfigError(f"model.sdpa_backends has {bad}; choose from {', '.join(SDPA_BACKENDS)} (or [] for torch's "
                           "default set), e.g. model.sdpa_backends=[flash,efficient,math].")
+    if cfg.model.fused_kernels not in FUSED_MODES:
+        raise ConfigError(f"model.fused_kernels={cfg.model.fused_kernels!r}; choose one of {', '.join(FUSED_MODES)}.")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules is empty. List modules (e.g. [q_proj, k_proj, v_proj, o_proj]) or set lora.enabled=false.")
