@@ -75,7 +75,8 @@ def folded_gqa_sdpa(q_BHSD, k_BhKD, v_BhKD, mask_B1SK, scaling: float, dropout: 
     q_BhGSD = q_BHSD.reshape(B, h, G * S, D)       # HF's repeat_kv: query head i reads KV head i // G
     mask = mask_B1SK.expand(B, 1, S, K)[:, :, None].expand(B, 1, G, S, K).reshape(B, 1, G * S, K)
     out = F.scaled_dot_product_attention(q_BhGSD, k_BhKD, v_BhKD, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out.view(B, H, S, D).transpose(1, 2)
+    # out is [B, h, G*S, D] in whatever layout the kernel chose (CUDA kernels: physically [B, G*S, h, D])
+    return out.unflatten(2, (G, S)).permute(0, 3, 1, 2, 4).reshape(B, S, H, D)
 
 
 def _can_fold(module, q_BHSD, mask, kwargs) -> bool:
