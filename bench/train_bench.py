@@ -276,7 +276,7 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
     cfg0 = next(iter(cfgs.values()))
     items = synth_examples(args.pool * args.global_batch, args.q_len, args.cot_len, args.ans_len, seed=0)
     plans = {v: GlobalBatchPlan(len(items), args.global_batch, micro[v], dist.world_size, seed=0) for v in variants}
-    engines, loaders, tmp, t_gen, targets, patched = {}, {}, None, 0.0, None, {}
+    engines, loaders, tmp, t_gen, targets, patched = {}, {}, None, 0.0, None, {}   # patched: resolved fused mode
     for v in variants:
         model, special, mc = random_backbone(shape, cfgs[v], dev, dtype)
         flops = Flops(model, mc, cfg0)
@@ -284,7 +284,7 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
             t_gen = time.perf_counter()
             targets = make_targets(model, items, cfg0, special, dev, micro[v])
             t_gen = time.perf_counter() - t_gen
-        patched[v] = apply_fused(model, fused[v], dev)
+        patched[v] = apply_fused(model, fused[v], dev, cfgs[v].train.zero_stage)
         if stage[v] == "student":
             if args.targets == "store":
                 from cache_store.reader import StoreReader
@@ -338,7 +338,7 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "lengths": {"question": args.q_len, "cot": args.cot_len, "answer": args.ans_len},
                     "M": cfg0.latent.num_latents, "T": cfg0.latent.num_iterations, "lora_r": cfg0.lora.r,
-                    "compile": args.compile, "fused_kernels": fused[v], "fused_counts": patched[v],
+                    "compile": args.compile, "fused_kernels": patched[v],
                     "target_gen_s": t_gen})
     del engines, loaders
     if tmp is not None:

@@ -43,10 +43,10 @@ class ModelConfig:
     cuDNN is left out by default: torch picks it first for masked attention on Hopper/Blackwell and it builds a
     new plan (~0.3-1 s) for every unseen batch shape, which variable-length batches hit all the time."""
     fused_kernels: str = "auto"
-    """Fused decoder kernels for training (kava_dist.fused): compile | eager | hf | auto (= compile on CUDA, hf on
-    CPU). `compile` replaces HF's RMSNorm, RoPE, SiLU x up and peft's LoRA scale-and-add with torch.compile'd
-    kernels (same arithmetic); `eager` runs those same functions uncompiled; `hf` runs the HF/peft modules as
-    they are."""
+    """How the student's passes run in training (kava_dist.fused): compile | eager | hf | auto (= compile on CUDA
+    with train.zero_stage 0-2, hf otherwise). compile: each decoder layer as one torch.compile'd graph (fused
+    norms, RoPE, SiLU x up, residuals, LoRA scale; GQA without K/V repeats); eager: the same function uncompiled;
+    hf: the HF/peft modules as they are. Same arithmetic in all three; not available under ZeRO-3."""
     teacher_adapter: str = ""
     """peft adapter dir of the CoT-fine-tuned teacher (output of `train.stage=teacher`); empty = base model."""
     student_init_adapter: str = ""
@@ -505,5 +505,9 @@ def validate(cfg: KavaConfig) -> None:
                           "default set), e.g. model.sdpa_backends=[flash,efficient,math].")
     if cfg.model.fused_kernels not in FUSED_MODES:
         raise ConfigError(f"model.fused_kernels={cfg.model.fused_kernels!r}; choose one of {', '.join(FUSED_MODES)}.")
+    if cfg.model.fused_kernels in ("compile", "eager") and cfg.train.zero_stage == 3:
+        raise ConfigError(f"model.fused_kernels={cfg.model.fused_kernels} cannot run under train.zero_stage=3 (its "
+                          "parameter gathering hooks cannot run inside the fused layer). Set model.fused_kernels=auto "
+                          "or hf, or use train.zero_stage=2.")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules is empty. List modules (e.g. [q_proj, k_proj, v_proj, o_proj]) or set lora.enabled=false.")

@@ -14,6 +14,8 @@ Sequence (spec section 3): [BOS question (left-padded) | <bot> | <latent> x M | 
 3. answer pass over <eot> + answer on top of the T-th pass's cache.
 With `latent.fix_masks` (default) the latent passes get the real attention mask and pad-free position ids;
 off reproduces PCCoT (no mask, column positions). Gradients flow through every pass (no detach).
+Each pass goes through `passes_for(model).run(...)`: the HF/peft modules (HFPasses), or in training, when
+kava_dist.fused.apply_fused attached it (model.fused_kernels), the compiled per-layer graph of FusedDecoder.
 """
 from __future__ import annotations
 
@@ -64,9 +66,53 @@ def _embed(lm, ids):
     return lm.get_input_embeddings()(ids)
 
 
-def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentConfig, pre_rope_hook=None):
-    """Steps 1-2. Returns (prefix info, cache after the T-th pass, the latent inputs of that pass)."""
-    lm, decoder, prj = parts(model)
+class HFPasses:
+    """The student's passes through the HF/peft modules (the reference; kava_dist.fused.FusedDecoder has the same
+    `run`). mask_BK: 2D mask over past + new columns (None: causal only); past: per-layer (k, v) or None."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lm, self.decoder, _ = parts(model)
+
+    def run(self, embeds_BSd, mask_BK, pos_BS, past=None, *, pre_rope: bool = False, hidden_col: int | None = None,
+            lm_head: bool = False):
+        from kava_dist.fused import PassOut
+
+        cache = make_cache(past) if past is not None else None
+        captured: dict[int, torch.Tensor] = {}
+        ctx = _pre_rope_capture(self.model, captured) if pre_rope else nullcontext()
+        with ctx:
+            if lm_head:
+                out = self.lm(inputs_embeds=embeds_BSd, attention_mask=mask_BK, position_ids=pos_BS,
+                              past_key_values=cache, use_cache=False, output_hidden_states=hidden_col is not None)
+            else:
+                out = self.decoder(inputs_embeds=embeds_BSd, attention_mask=mask_BK, position_ids=pos_BS,
+                                   past_key_values=cache, use_cache=True, output_hidden_states=hidden_col is not None)
+        hidden = None
+        if hidden_col is not None:
+            hidden = torch.stack(out.hidden_states[1:], dim=1)[:, :, hidden_col]   # layers' outputs, last normed
+        if lm_head:
+            return PassOut(last_BSd=None, kv=None, hidden_BLd=hidden, logits_BSV=out.logits)
+        pre = None
+        if pre_rope:
+            B, S, _ = embeds_BSd.shape
+            hd = self.decoder.layers[0].self_attn.head_dim
+            pre = [captured[i].view(B, S, -1, hd).transpose(1, 2) for i in range(len(captured))]
+        return PassOut(last_BSd=out.last_hidden_state, kv=cache_kv(out.past_key_values), pre_k=pre, hidden_BLd=hidden)
+
+
+def passes_for(model):
+    """The fused runner if kava_dist.fused.apply_fused attached one and autograd is on (training), else HF."""
+    from kava_dist.fused import runner_for
+
+    fused = runner_for(model)
+    return fused if fused is not None and torch.is_grad_enabled() else HFPasses(model)
+
+
+def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentConfig, pre_rope: bool = False):
+    """Steps 1-2. Returns (prefix info, output of the T-th pass (its kv = question + latents), its latent inputs)."""
+    lm, _, prj = parts(model)
+    passes = passes_for(model)
     B, Q = batch.q_ids.shape
     M, T = latent.num_latents, latent.num_iterations
     dev = batch.q_ids.device
@@ -75,46 +121,37 @@ def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentC
     ids = torch.cat([batch.q_ids, tail], dim=1)
     mask = torch.cat([batch.q_mask, torch.ones_like(tail, dtype=torch.bool)], dim=1)
     pos = positions_from_mask(mask)
-    out0 = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    h_BMd = out0.last_hidden_state[:, Q:Q + M]            # <bot>, latent_0 .. latent_{M-2}
+    out0 = passes.run(_embed(lm, ids), mask, pos)
+    h_BMd = out0.last_BSd[:, Q:Q + M]            # <bot>, latent_0 .. latent_{M-2}
     z_BMd = prj(h_BMd)
-    q_cache = cache_kv(out0.past_key_values, upto=Q + 1)
+    q_cache = [(k[:, :, :Q + 1], v[:, :, :Q + 1]) for k, v in out0.kv]
     if latent.fix_masks:
         lat_mask, lat_pos = mask, pos[:, Q + 1:]
     else:  # PCCoT: no mask in the latent passes, positions are column indices
         lat_mask = None
         lat_pos = torch.arange(Q + 1, Q + 1 + M, device=dev).expand(B, M)
-    cache = None
+    out = None
     for t in range(T):
-        inputs = z_BMd
         last = t == T - 1
-        hook = pre_rope_hook() if last and pre_rope_hook is not None else nullcontext()
-        with hook:
-            out = decoder(inputs_embeds=inputs, attention_mask=lat_mask, position_ids=lat_pos,
-                          past_key_values=make_cache(q_cache), use_cache=True)
-        cache = out.past_key_values
+        out = passes.run(z_BMd, lat_mask, lat_pos, q_cache, pre_rope=last and pre_rope)
         if not last:
-            p_BMd = prj(out.last_hidden_state)
+            p_BMd = prj(out.last_BSd)
             z_BMd = torch.cat([z_BMd[:, :1], p_BMd[:, :-1]], dim=1)
     prefix = _Prefix(lat_mask=mask, qlen=batch.q_mask.sum(1))
-    return prefix, cache, z_BMd
+    return prefix, out, z_BMd
 
 
 def student_forward(model, batch: Batch, special: SpecialIds, latent: LatentConfig, rope: str = "post",
                     with_hidden: bool = True) -> StudentOutput:
-    lm, decoder, _ = parts(model)
+    lm, _, _ = parts(model)
     B, Q = batch.q_ids.shape
     M = latent.num_latents
-    captured: dict[int, torch.Tensor] = {}
-    hook = _pre_rope_capture(model, captured) if rope == "pre" else None
-    prefix, cache, z_BMd = prefix_and_latents(model, batch, special, latent, pre_rope_hook=hook)
-    kv = cache_kv(cache, start=Q + 1, upto=Q + 1 + M)
+    prefix, last, z_BMd = prefix_and_latents(model, batch, special, latent, pre_rope=rope == "pre")
+    kv = [(k[:, :, Q + 1:Q + 1 + M], v[:, :, Q + 1:Q + 1 + M]) for k, v in last.kv]
     k_BLHMD = torch.stack([k for k, _ in kv], dim=1)
     v_BLHMD = torch.stack([v for _, v in kv], dim=1)
     if rope == "pre":
-        cfg = lm.config
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        k_BLHMD = torch.stack([captured[i].view(B, M, -1, hd).transpose(1, 2) for i in range(len(captured))], 1)
+        k_BLHMD = torch.stack(last.pre_k, dim=1)
     # 3. answer pass: <eot> + prompt + answer, on the T-th pass's cache
     dev = batch.q_ids.device
     eot = torch.full((B, 1), special.eot, dtype=torch.long, device=dev)
@@ -124,15 +161,12 @@ def student_forward(model, batch: Batch, special: SpecialIds, latent: LatentConf
     ans_pos = prefix.qlen[:, None] + 1 + M + torch.arange(ans_in.shape[1], device=dev)[None]
     if not latent.fix_masks:
         ans_pos = Q + 1 + M + torch.arange(ans_in.shape[1], device=dev)[None].expand(B, -1)
-    out = lm(input_ids=ans_in, attention_mask=full_mask, position_ids=ans_pos, past_key_values=cache,
-             use_cache=False, output_hidden_states=with_hidden)
-    logits = out.logits
+    out = passes_for(model).run(_embed(lm, ans_in), full_mask, ans_pos, last.kv, lm_head=True,
+                                hidden_col=batch.prompt_len if with_hidden else None)   # ":" is at prompt_len
+    logits = out.logits_BSV
     labels = batch.ans_ids.masked_fill(~batch.ans_mask, -100)
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-    hidden = None
-    if with_hidden:
-        hidden = torch.stack(out.hidden_states[1:], dim=1)[:, :, batch.prompt_len]   # ":" is at 1 + prompt_len - 1
-    return StudentOutput(ce=ce, logits_BAV=logits, k_BLHMD=k_BLHMD, v_BLHMD=v_BLHMD, hidden_BLd=hidden,
+    return StudentOutput(ce=ce, logits_BAV=logits, k_BLHMD=k_BLHMD, v_BLHMD=v_BLHMD, hidden_BLd=out.hidden_BLd,
                          latents_BMd=z_BMd)
 
 
@@ -151,7 +185,7 @@ def _pre_rope_capture(model, captured: dict[int, torch.Tensor]):
         finally:
             for h in handles:
                 h.remove()
-    return ctx
+    return ctx()
 
 
 @dataclass
@@ -172,7 +206,8 @@ def generate_answers(model, q_ids: torch.Tensor, q_mask: torch.Tensor, prompt_id
     dummy = Batch(ids=torch.zeros(B, dtype=torch.long), q_ids=q_ids, q_mask=q_mask,
                   cot_ids=q_ids[:, :0], cot_mask=q_mask[:, :0], ans_ids=q_ids[:, :0], ans_mask=q_mask[:, :0],
                   prompt_len=len(prompt_ids))
-    prefix, cache, z_BMd = prefix_and_latents(model, dummy, special, latent)
+    prefix, last, z_BMd = prefix_and_latents(model, dummy, special, latent)
+    cache = make_cache(last.kv)
     passes = 1 + latent.num_iterations
     forced = torch.tensor([special.eot] + list(prompt_ids), device=dev).expand(B, -1)
     mask = torch.cat([prefix.lat_mask, torch.ones_like(forced, dtype=torch.bool)], dim=1)

@@ -97,9 +97,9 @@ class Trainer:
         model, self.tokenizer, self.special = load_backbone(mcfg, latent=cfg.latent, device=dist.device)
         init = cfg.model.student_init_adapter if tc.stage in ("student", "online", "nocot") else ""
         model = load_adapter(model, init, trainable=True) if init else add_lora(model, self.special, cfg.lora, cfg.latent)
-        fused = apply_fused(model, cfg.model.fused_kernels, dist.device)
-        if dist.is_main and fused:
-            log.info("fused kernels (model.fused_kernels=%s): %s", cfg.model.fused_kernels, fused)
+        fused = apply_fused(model, cfg.model.fused_kernels, dist.device, tc.zero_stage)
+        if dist.is_main:
+            log.info("student passes: model.fused_kernels=%s -> %s", cfg.model.fused_kernels, fused)
         encoded, report = load_training_set(cfg.data, self.tokenizer)
         if dist.is_main:
             log.info("data: %s", report.summary())

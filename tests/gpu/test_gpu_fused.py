@@ -1,4 +1,4 @@
-"""Compiled fused kernels on CUDA (kava_dist.fused, model.fused_kernels=compile) against the HF/peft modules.
+"""Compiled fused student passes on CUDA (kava_dist.fused, model.fused_kernels=compile) against the HF/peft modules.
 
 Run on the lent GPU machine: `python -m pytest tests/gpu -q`.
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kava_testing import QUESTIONS, build, make_batch
-from kava_dist.fused import fuse_decoder
+from kava_dist.fused import apply_fused
 from kava_dist.student import student_forward
 
 pytestmark = pytest.mark.gpu
@@ -27,7 +27,7 @@ def test_compiled_fused_matches_hf_bf16(tiny_paths, family):
     cfg, ref, tok, special = build(tiny_paths, family, **{"model.dtype": "bfloat16"})
     _, fused, _, _ = build(tiny_paths, family, **{"model.dtype": "bfloat16"})
     ref, fused = ref.cuda().train(), fused.cuda().train()
-    fuse_decoder(fused, compile=True)
+    assert apply_fused(fused, "auto", "cuda") == "compile"
     for n in (6, 4, 5):        # three batch shapes: dynamic shapes must not change the result
         batch = make_batch(tok, special, rows=QUESTIONS[:n])[0].to("cuda")
         la, ga = _loss_grads(ref, batch, special, cfg)
