@@ -7,13 +7,14 @@
 #           cuDNN SDPA, the job with the defaults / cuDNN allowed / a faster write setting  (1 GPU)
 #   part 7: student MFU vs micro-batch (64, 128) and with per-layer torch.compile                    (1 H200)
 #   part 6: where a cache-build actor's compute time goes (1B; stage timings + torch.profiler tables)   (1 GPU)
-#   part 8: fused student passes (model.fused_kernels): flex vs compile at micro 256 with a profile of each,
-#           then the GPU tests                                                                     (1 H200)
+#   part 8: fused student passes (model.fused_kernels=compile): micro 256 with a profile, then compile vs hf
+#           side by side at micro 128                                                              (1 H200)
+#   part 9: the GPU tests                                                                          (1 GPU)
 #   part 5: the cache build job (teacher actor + write actors) vs bare, 1B and 3B, with write variants (1 GPU)
 # Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
 # Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh 1|2|3|4|5|6|7|8}
+part=${1:?usage: gpu_suite.sh 1|2|3|4|5|6|7|8|9}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ ! -d /tmp/site/ray ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -51,8 +52,10 @@ case $part in
      done
      run timeout 240 python3 bench/train_bench.py --shape 1b --variants student --global-batch 128 --micro-batch 128 \
        --rounds 2 --compile --out "$OUT/train_student_m128_compile.json" ;;
-  8) run timeout 400 python3 bench/train_bench.py --shape 1b --variants student@flex,student@compile --global-batch 256 \
-       --micro-batch 256 --rounds 2 --profile --out "$OUT/train_fused_m256.json"
-     run timeout 170 python3 -m pytest tests/gpu -q -p no:cacheprovider -x ;;
+  8) run timeout 280 python3 bench/train_bench.py --shape 1b --variants student --global-batch 256 --micro-batch 256 \
+       --rounds 2 --profile --out "$OUT/train_fused_m256.json"
+     run timeout 290 python3 bench/train_bench.py --shape 1b --variants student@compile,student@hf --global-batch 128 \
+       --micro-batch 128 --rounds 2 --out "$OUT/train_fused_m128.json" ;;
+  9) run timeout 200 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
 esac
 tail -n 60 "$log"

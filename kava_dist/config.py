@@ -43,11 +43,10 @@ class ModelConfig:
     cuDNN is left out by default: torch picks it first for masked attention on Hopper/Blackwell and it builds a
     new plan (~0.3-1 s) for every unseen batch shape, which variable-length batches hit all the time."""
     fused_kernels: str = "auto"
-    """How the student's passes run in training (kava_dist.fused): compile | flex | eager | hf | auto (= compile
-    on CUDA with train.zero_stage 0-2, hf otherwise). compile: each decoder layer as one torch.compile'd graph
-    (fused norms, RoPE, SiLU x up, residuals, LoRA scale; masked GQA without K/V repeats, SDPA kernels); flex: the
-    same with FlexAttention (block-sparse causal + padding mask, GQA in place); eager: the compile function
-    uncompiled; hf: the HF/peft modules as they are. Same arithmetic in all; not available under ZeRO-3."""
+    """How the student's passes run in training (kava_dist.fused): compile | eager | hf | auto (= compile on CUDA
+    with train.zero_stage 0-2, hf otherwise). compile: each decoder layer as one torch.compile'd graph (fused
+    norms, RoPE, SiLU x up, residuals, LoRA dropout and scale; masked GQA without K/V repeats); eager: the same
+    function uncompiled; hf: the HF/peft modules as they are. Same arithmetic in all; not under ZeRO-3."""
     teacher_adapter: str = ""
     """peft adapter dir of the CoT-fine-tuned teacher (output of `train.stage=teacher`); empty = base model."""
     student_init_adapter: str = ""
@@ -276,7 +275,7 @@ class KavaConfig:
 
 
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-FUSED_MODES = ("auto", "compile", "flex", "eager", "hf")
+FUSED_MODES = ("auto", "compile", "eager", "hf")
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("bfloat16", "float32", "float16"),
@@ -506,7 +505,7 @@ def validate(cfg: KavaConfig) -> None:
                           "default set), e.g. model.sdpa_backends=[flash,efficient,math].")
     if cfg.model.fused_kernels not in FUSED_MODES:
         raise ConfigError(f"model.fused_kernels={cfg.model.fused_kernels!r}; choose one of {', '.join(FUSED_MODES)}.")
-    if cfg.model.fused_kernels in ("compile", "flex", "eager") and cfg.train.zero_stage == 3:
+    if cfg.model.fused_kernels in ("compile", "eager") and cfg.train.zero_stage == 3:
         raise ConfigError(f"model.fused_kernels={cfg.model.fused_kernels} cannot run under train.zero_stage=3 (its "
                           "parameter gathering hooks cannot run inside the fused layer). Set model.fused_kernels=auto "
                           "or hf, or use train.zero_stage=2.")

@@ -11,8 +11,8 @@ M=24 latents, answer) through 16-28 layers. Through HF + peft modules that is ~2
 kernels per micro-step, and at micro 128 on an H200 the device spent 37% of its time in GEMMs and half in dtype
 copies and elementwise kernels (HF's fp32 RMSNorm round trips, RoPE's slices and cats, K/V repeated for masked
 GQA). Compiling those pieces one by one cut device time by 27% but made the step host-bound (1,300 compiled
-calls per micro-step). Here each decoder layer is one compiled graph (torch.compile, dynamic shapes, shared by
-all layers of the stack), called once per layer per pass: Inductor fuses the norms, RoPE, SiLU x up, residual
+calls per micro-step). Here each decoder layer is one compiled graph (torch.compile, symbolic batch and length,
+shared by all layers of the stack), called once per layer per pass: Inductor fuses the norms, RoPE, SiLU x up, residual
 adds and peft's dropout/scale, and the K/V of a cached pass are concatenated inside the graph.
 
 Same arithmetic as the HF path (kava_dist.student.HFPasses): RMSNorm statistics in fp32 cast back before the
@@ -84,14 +84,8 @@ def layer_forward(layer: nn.Module, h_BSd, cos_BSD, sin_BSD, mask_B1SK, past_k, 
     q, k = _rope(q, cos_BSD, sin_BSD), _rope(k_pre, cos_BSD, sin_BSD)
     if past_k is not None:
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-    if isinstance(mask_B1SK, torch.Tensor):
-        dropout = attn.attention_dropout if attn.training else 0.0
-        o = folded_gqa_sdpa(q, k, v, mask_B1SK, attn.scaling, dropout)
-    else:   # a FlexAttention BlockMask (model.fused_kernels=flex): GQA read in place, block-sparse mask
-        from torch.nn.attention.flex_attention import flex_attention
-
-        o = flex_attention(q, k, v, block_mask=mask_B1SK, scale=attn.scaling, enable_gqa=True)
-        o = o.transpose(1, 2).reshape(B, S, -1)
+    dropout = attn.attention_dropout if attn.training else 0.0
+    o = folded_gqa_sdpa(q, k, v, mask_B1SK, attn.scaling, dropout)
     h_BSd = h_BSd + attn.o_proj(o)
     x = _rms(layer.post_attention_layernorm, h_BSd)
     h_BSd = h_BSd + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
@@ -109,28 +103,17 @@ def causal_padding_mask(mask_BK: torch.Tensor | None, B: int, S: int, P: int, de
     return causal & mask_BK.bool()[:, None, None, :]
 
 
-def flex_block_mask(mask_BK: torch.Tensor | None, B: int, S: int, P: int, device):
-    """The same causal + padding mask as `causal_padding_mask`, as a FlexAttention BlockMask."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    valid_BK = None if mask_BK is None else mask_BK.bool()
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        causal = kv_idx <= q_idx + P
-        return causal if valid_BK is None else causal & valid_BK[b, kv_idx]
-
-    return create_block_mask(mask_mod, B, None, S, P + S, device=device)
-
-
 class FusedDecoder:
     """Runs the student's passes through `layer_forward` (compiled once for all layers, or eager)."""
 
-    def __init__(self, model: nn.Module, compile: bool, flex: bool = False):
+    def __init__(self, model: nn.Module, compile: bool):
         from kava_dist.backbone import parts
 
         self.lm, self.decoder, _ = parts(model)
-        self.compiled, self.flex = compile, flex
-        self.layer = torch.compile(layer_forward, dynamic=True) if compile else layer_forward
+        self.compiled = compile
+        # dynamic=None: compiled for the first shapes, then once more with only the dims that changed (batch
+        # rows, sequence length) symbolic; hidden size, heads and head dim stay static for Inductor's kernels
+        self.layer = torch.compile(layer_forward, dynamic=None) if compile else layer_forward
 
     def run(self, embeds_BSd, mask_BK, pos_BS, past=None, *, pre_rope: bool = False, hidden_col: int | None = None,
             lm_head: bool = False) -> PassOut:
@@ -138,7 +121,7 @@ class FusedDecoder:
         B, S, _ = embeds_BSd.shape
         P = 0 if past is None else past[0][0].shape[2]
         cos, sin = dec.rotary_emb(embeds_BSd, pos_BS)
-        mask = (flex_block_mask if self.flex else causal_padding_mask)(mask_BK, B, S, P, embeds_BSd.device)
+        mask = causal_padding_mask(mask_BK, B, S, P, embeds_BSd.device)
         h, kv, pre, hidden = embeds_BSd, [], [], []
         layers = list(dec.layers)
         for i, layer in enumerate(layers):
@@ -175,11 +158,7 @@ def apply_fused(model: nn.Module, mode: str, device: torch.device | str, zero_st
     if type(lm.model).__name__ not in ("LlamaModel", "Qwen2Model") and mode != "hf":
         raise ValueError(f"model.fused_kernels={mode} supports Llama/Qwen2 decoders, not {type(lm.model).__name__}; "
                          "set model.fused_kernels=hf.")
-    if mode == "flex" and lm.config.attention_dropout:
-        raise ValueError(f"model.fused_kernels=flex has no attention dropout (the model's is "
-                         f"{lm.config.attention_dropout}); use model.fused_kernels=compile.")
-    lm._kava_fused = None if mode == "hf" else FusedDecoder(model, compile=mode in ("compile", "flex"),
-                                                           flex=mode == "flex")
+    lm._kava_fused = None if mode == "hf" else FusedDecoder(model, compile=mode == "compile")
     return mode
 
 

@@ -22,13 +22,13 @@ def _loss_grads(model, batch, special, cfg):
     return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family,mode", [("llama", "compile"), ("qwen2", "compile"), ("llama", "flex")])
-def test_compiled_fused_matches_hf_bf16(tiny_paths, family, mode):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compiled_fused_matches_hf_bf16(tiny_paths, family):
     cfg, ref, tok, special = build(tiny_paths, family, **{"model.dtype": "bfloat16"})
     _, fused, _, _ = build(tiny_paths, family, **{"model.dtype": "bfloat16"})
     ref, fused = ref.cuda().train(), fused.cuda().train()
-    assert apply_fused(fused, "auto" if mode == "compile" else mode, "cuda") == mode
-    for n in (6, 4, 5):        # three batch shapes: dynamic shapes must not change the result
+    assert apply_fused(fused, "auto", "cuda") == "compile"
+    for n in (6, 4):           # two batch shapes: the recompile with symbolic sizes must not change the result
         batch = make_batch(tok, special, rows=QUESTIONS[:n])[0].to("cuda")
         la, ga = _loss_grads(ref, batch, special, cfg)
         lb, gb = _loss_grads(fused, batch, special, cfg)

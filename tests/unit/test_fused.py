@@ -55,25 +55,6 @@ def test_fused_student_matches_hf_path(tiny_paths, family, fix_masks):
             torch.testing.assert_close(g_f[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_flex_attention_path_matches_hf(tiny_paths):
-    """model.fused_kernels=flex computes the same attention through a FlexAttention block mask (eager, forward
-    only: FlexAttention has no CPU backward; tests/gpu checks its gradients compiled on CUDA)."""
-    from kava_testing import build, make_batch
-
-    cfg, ref, tok, special = build(tiny_paths, "llama")
-    _, fused, _, _ = build(tiny_paths, "llama")
-    apply_fused(fused, "eager", "cpu")
-    runner_for(fused).flex = True
-    batch, _ = make_batch(tok, special)
-    ref.requires_grad_(False)
-    fused.requires_grad_(False)
-    a = student_forward(ref, batch, special, cfg.latent)
-    b = student_forward(fused, batch, special, cfg.latent)
-    torch.testing.assert_close(b.ce, a.ce, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.k_BLHMD, a.k_BLHMD, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.hidden_BLd, a.hidden_BLd, rtol=1e-5, atol=1e-5)
-
-
 def test_fused_runner_only_in_training(tiny_paths):
     """Generation (no autograd) keeps the HF modules and their cache; its answers do not change."""
     from kava_testing import build, make_batch
