@@ -249,6 +249,8 @@ def profile_step(engines, loaders, plans, step: int, dev) -> None:
               + ", ".join(f"{k} {t:.3f} s" for k, t in sorted(fam.items(), key=lambda kv: -kv[1])), flush=True)
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
               flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70),
+              flush=True)                                     # what the host spends the step on
 
 
 def bench_cfg(shape: str, args, micro: int, bf16: bool, fused: str = "auto"):
@@ -409,6 +411,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fused", default="auto", help="model.fused_kernels of every variant without @MODE "
                     "(auto = compile on CUDA, hf on CPU)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one step of each variant")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (int/bool/str) before compiling, e.g. cpp_wrapper=1")
     ap.add_argument("--world", type=int, default=1, help="expected number of processes (run under `deepspeed --num_gpus N`)")
     ap.add_argument("--compare", default="", help="a JSON written by --out with another world size: print the scaling")
     ap.add_argument("--out", default="", help="write the results as JSON here")
@@ -416,6 +420,12 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="kava config overrides, e.g. latent.num_iterations=2")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for kv in args.inductor:
+        import torch._inductor.config as ind
+
+        key, _, val = kv.partition("=")
+        cur = getattr(ind, key)          # AttributeError names a wrong key
+        setattr(ind, key, type(cur)(int(val)) if isinstance(cur, (bool, int)) else val)
     dist = E.init_distributed()
     if dist.world_size != args.world:
         raise SystemExit(f"--world {args.world} but {dist.world_size} processes: launch with "
