@@ -58,7 +58,7 @@ case $part in
      run timeout 290 python3 bench/train_bench.py --shape 1b --variants student@compile,student@hf --global-batch 128 \
        --micro-batch 128 --rounds 2 --out "$OUT/train_fused_m128.json" ;;
   10) run timeout 240 python3 bench/train_bench.py --shape 1b --variants student --global-batch 256 --micro-batch 256 \
-       --rounds 2 --inductor cpp_wrapper=1 --out "$OUT/train_fused_m256_cpp.json"
+       --rounds 2 --profile --inductor cpp_wrapper=1 --out "$OUT/train_fused_m256_cpp.json"
      run timeout 200 python3 bench/train_bench.py --shape 1b --variants student --global-batch 384 --micro-batch 384 \
        --rounds 2 --out "$OUT/train_fused_m384.json"
      run timeout 150 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
