@@ -59,7 +59,7 @@ case $part in
        --micro-batch 128 --rounds 2 --out "$OUT/train_fused_m128.json" ;;
   10) run timeout 240 python3 bench/train_bench.py --shape 1b --variants student --global-batch 256 --micro-batch 256 \
        --rounds 2 --profile --inductor cpp_wrapper=1 --out "$OUT/train_fused_m256_cpp.json"
-     run timeout 200 python3 bench/train_bench.py --shape 1b --variants student --global-batch 384 --micro-batch 384 \
+     run timeout 200 python3 bench/train_bench.py --shape 1b --variants student --global-batch 384 --micro-batch 384 --profile \
        --rounds 2 --out "$OUT/train_fused_m384.json"
      run timeout 150 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
   9) run timeout 200 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
