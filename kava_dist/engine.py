@@ -253,7 +253,35 @@ def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist):
     if got[0] * got[1] * got[2] != tc.global_batch or engine.train_batch_size() != tc.global_batch:
         raise RuntimeError(f"DeepSpeed runs micro {got[0]} x accum {got[1]} x world {got[2]} != train.global_batch="
                            f"{tc.global_batch}; check the train.deepspeed_config overlay.")
+    _clip_on_device(engine.optimizer)
     return engine
+
+
+def _clip_on_device(opt) -> bool:
+    """DeepSpeed's ZeRO-1/2 optimizer checks the gradient norm with `bool(tensor)` before clipping: a host sync
+    every step, after which the GPU idles while the host finishes the step and queues the next forward (~0.1 s
+    per step of a fused 1B student, BENCHMARKS.md). This replaces that method on the instance with the same
+    arithmetic kept on the device: a non-finite or negative (DeepSpeed's invalid marker) norm still clips by inf
+    (the update becomes zero), a finite one by max(1, norm / clip)."""
+    if type(opt).__name__ != "DeepSpeedZeroOptimizer" or not all(
+            hasattr(opt, a) for a in ("unscale_and_clip_grads", "clip_grad", "loss_scale")):
+        return False
+
+    def unscale_and_clip_grads(grad_groups_flat, total_norm):
+        if opt.clip_grad == 0.0 and opt.loss_scale == 1.0:
+            return
+        combined = opt.loss_scale
+        if opt.clip_grad > 0.0:
+            ref = grad_groups_flat[0][0] if isinstance(grad_groups_flat[0], list) else grad_groups_flat[0]
+            norm = torch.as_tensor(total_norm, dtype=torch.float32, device=ref.device)
+            norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, torch.full_like(norm, float("inf")))
+            combined = torch.clamp((norm / opt.loss_scale + 1e-6) / opt.clip_grad, min=1.0) * opt.loss_scale
+        for grad in grad_groups_flat:
+            for g in grad if isinstance(grad, list) else [grad]:
+                g.data.mul_(1.0 / combined)
+
+    opt.unscale_and_clip_grads = unscale_and_clip_grads
+    return True
 
 
 def grad_norm(engine, zero_stage: int) -> float:

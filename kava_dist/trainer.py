@@ -250,12 +250,11 @@ class Trainer:
             self.engine.step()
             if micro < accum - 1:
                 continue
-            if math.isnan(gn):
-                g = self.engine.get_global_grad_norm()
-                gn = float(g) if g is not None else float("nan")
+            gn_step = gn if not math.isnan(gn) else self.engine.get_global_grad_norm()   # a device tensor: no sync
             done, n_steps = step + 1, n_steps + 1
             evaluate = bool(tc.eval_every and self.valid and (done % tc.eval_every == 0 or done == self.total_steps))
             if done % tc.log_every == 0 or done == end or evaluate:
+                gn = float(gn_step) if gn_step is not None else float("nan")       # read only when logged
                 rec = self._log(done, sums, accum * n_steps, n_steps, tokens, time.perf_counter() - t0, lr, gn,
                                 self._validate(done) if evaluate else {})
                 history.append(rec)

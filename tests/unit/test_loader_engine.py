@@ -255,3 +255,24 @@ def test_sweep_grid_parsing():
         "003_alpha_kv-0.5_target_modules-q_proj+v_proj"
     with pytest.raises(SystemExit, match="section.key=v1,v2"):
         parse_grid(["loss.alpha_kv"])
+
+
+def test_zero2_clip_runs_on_device_with_deepspeeds_arithmetic():
+    """engine._clip_on_device replaces DeepSpeed's ZeRO-1/2 unscale_and_clip_grads (which syncs the host on
+    `bool(norm)`) with the same arithmetic on the device: compared with DeepSpeed's own method on the same grads."""
+    from kava_dist.config import TrainConfig
+
+    dist = E.init_distributed()
+    model = torch.nn.Linear(4, 3)
+    tc = TrainConfig(global_batch=2, micro_batch=2, zero_stage=2, precision="fp32", grad_clip=1.5)
+    engine = E.build_engine(model, tc, total_steps=4, dist=dist)
+    opt = engine.optimizer
+    assert "unscale_and_clip_grads" in vars(opt)                       # patched on the instance
+    original = type(opt).unscale_and_clip_grads.__get__(opt)
+    g = torch.randn(15)
+    for norm in (10.0, 0.5, float("inf"), float("nan"), -1.0):
+        a, b = g.clone(), g.clone()
+        original([a], torch.tensor(norm))
+        opt.unscale_and_clip_grads([b], torch.tensor(norm))
+        torch.testing.assert_close(b, a, equal_nan=True)
+    assert torch.allclose(b, torch.zeros_like(b)) and not torch.allclose(g, torch.zeros_like(g))  # invalid -> 0
