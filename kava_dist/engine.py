@@ -117,7 +117,10 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device) -> 
     accum = accumulation(tc, world_size)
     zero: dict = {"stage": tc.zero_stage}
     if tc.zero_stage >= 2:
-        zero.update(overlap_comm=device.type == "cuda", contiguous_gradients=True, reduce_bucket_size=5e7)
+        # overlap_comm off: with it DeepSpeed synchronizes the whole device at the end of every backward and per
+        # reduced bucket; only the LoRA/projection/token gradients (tens of MB) are reduced, so there is little
+        # communication to overlap and the syncs cost more (BENCHMARKS.md, "Student MFU"). An overlay may turn it on.
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
     if tc.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=1e4)
     cfg = {
