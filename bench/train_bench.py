@@ -224,6 +224,36 @@ def run_block(engine, loader, start: int, steps: int, accum: int, dev) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def find_syncs(engines, loaders, plans, step: int, dev) -> None:
+    """One step of each variant under torch.cuda.set_sync_debug_mode("warn"): print where the host waits for the
+    device (each distinct call site once, with its Python stack)."""
+    import traceback
+    import warnings
+
+    seen: dict[str, int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        stack = "".join(traceback.format_stack(limit=9)[:-2])
+        seen[stack] = seen.get(stack, 0) + 1
+
+    for v, engine in engines.items():
+        seen.clear()
+        old = warnings.showwarning
+        warnings.showwarning = show
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run_block(engine, loaders[v], step, 1, plans[v].accum, dev)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = old
+        print(f"[train_bench] syncs {v}: {sum(seen.values())} synchronizing calls at {len(seen)} sites", flush=True)
+        for stack, n in seen.items():
+            print(f"--- {n}x\n{stack}", flush=True)
+
+
 def profile_step(engines, loaders, plans, step: int, dev) -> None:
     """One optimizer step of each variant under torch.profiler: device busy time vs wall time, the device time
     by kernel family, and the top kernels (what bounds the step)."""
@@ -321,6 +351,8 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
         step += args.steps
     if args.profile and dev.type == "cuda":
         profile_step(engines, loaders, plans, step, dev)
+    if args.find_syncs and dev.type == "cuda":
+        find_syncs(engines, loaders, plans, step + 1, dev)
     # FLOPs of a global step: mean over the steps of one epoch of the plan (all ranks' examples)
     plan = plans[variants[0]]
     step_flops = {v: statistics.mean(flops.step(stage[v], [items[i] for i in plan.global_indices(s)])
@@ -411,6 +443,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fused", default="auto", help="model.fused_kernels of every variant without @MODE "
                     "(auto = compile on CUDA, hf on CPU)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one step of each variant")
+    ap.add_argument("--find-syncs", action="store_true", help="after timing, list where one step syncs the host")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY (int/bool/str) before compiling, e.g. cpp_wrapper=1")
     ap.add_argument("--world", type=int, default=1, help="expected number of processes (run under `deepspeed --num_gpus N`)")
