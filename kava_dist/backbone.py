@@ -134,10 +134,37 @@ def add_lora(model, special: SpecialIds, lcfg: LoraSettings, latent: LatentConfi
     pcfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lcfg.target_modules,
                       modules_to_save=save or None, trainable_token_indices=tokens, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, pcfg)
+    cache_token_indices(peft_model)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in peft_model.parameters())
     log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
     return peft_model
+
+
+def cache_token_indices(model) -> int:
+    """peft's TrainableTokensLayer rebuilds its token-index tensor from a Python list on every forward
+    (`torch.tensor(list).to(device)`): a host-to-device copy that waits for the device queue, three times per
+    student micro-step (embeddings of two passes, the tied LM head). Same arithmetic with the index tensor kept
+    per device. Returns the number of layers patched."""
+    n = 0
+    for mod in model.modules():
+        if not (hasattr(mod, "token_indices") and hasattr(mod, "trainable_tokens_delta")
+                and hasattr(mod, "get_merged_weights")):
+            continue
+        cache: dict = {}
+
+        def get_merged_weights(active_adapters, mod=mod, cache=cache):
+            W = mod.base_layer.weight
+            for name in active_adapters:
+                key = (name, W.device)
+                if key not in cache:
+                    cache[key] = torch.tensor(mod.token_indices[name], device=W.device)
+                W = W.index_copy(dim=0, index=cache[key], source=mod.trainable_tokens_delta[name].to(W))
+            return W
+
+        mod.get_merged_weights = get_merged_weights
+        n += 1
+    return n
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool):
@@ -151,7 +178,9 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool):
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json. Point at the `adapter/` dir that "
                                 "train.stage=teacher (or student) exported.")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    cache_token_indices(peft_model)
+    return peft_model
 
 
 def load_full(model, model_dir: str | Path, trainable: bool):

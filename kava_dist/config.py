@@ -214,6 +214,10 @@ class TrainConfig:
     """Examples per forward on one rank."""
     grad_clip: float = 2.0
     """Gradient-norm clip."""
+    skip_nonfinite_steps: bool = False
+    """bf16: let DeepSpeed skip an optimizer step whose gradients hold inf/NaN (its check_grad_overflow). The check
+    syncs the host with the GPU every step (a few % of a fused student step); off, a non-finite loss or gradient
+    norm stops the run at the next log line, naming the last checkpoint to resume from."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
     zero_stage: int = 2

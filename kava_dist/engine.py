@@ -130,7 +130,8 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device) -> 
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": use_bf16(tc, device)},
+        "bf16": ({"enabled": True, "check_grad_overflow": tc.skip_nonfinite_steps} if use_bf16(tc, device)
+                 else {"enabled": False}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -257,7 +258,24 @@ def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist):
         raise RuntimeError(f"DeepSpeed runs micro {got[0]} x accum {got[1]} x world {got[2]} != train.global_batch="
                            f"{tc.global_batch}; check the train.deepspeed_config overlay.")
     _clip_on_device(engine.optimizer)
+    _no_scalar_uploads()
     return engine
+
+
+def _no_scalar_uploads() -> None:
+    """DeepSpeed's ZeRO-1/2 grad-norm masks inf/NaN with `torch.tensor(-1.0, device=...)`: a host-to-device copy
+    of a pageable scalar, which waits for the device queue (twice per step). Same in-place fill with a Python
+    scalar (no copy). Process-wide on the module DeepSpeed calls it from; idempotent."""
+    from deepspeed.runtime.zero import stage_1_and_2 as z
+
+    if getattr(z.mask_nan_or_inf_with_val_inplace, "_kava", False):
+        return
+
+    def mask_nan_or_inf_with_val_inplace(input, device=None, val=-1.0):
+        input.masked_fill_(input.isinf() | input.isnan(), -1.0)   # DeepSpeed's marker is -1 whatever `val` says
+
+    mask_nan_or_inf_with_val_inplace._kava = True
+    z.mask_nan_or_inf_with_val_inplace = mask_nan_or_inf_with_val_inplace
 
 
 def _clip_on_device(opt) -> bool:

@@ -258,6 +258,12 @@ class Trainer:
                 rec = self._log(done, sums, accum * n_steps, n_steps, tokens, time.perf_counter() - t0, lr, gn,
                                 self._validate(done) if evaluate else {})
                 history.append(rec)
+                bad_norm = gn_step is not None and not (math.isfinite(gn) and gn >= 0)   # DeepSpeed marks -1
+                if not tc.skip_nonfinite_steps and (not math.isfinite(rec["loss"]) or bad_norm):
+                    raise FloatingPointError(
+                        f"step {done}: loss {rec['loss']} / grad norm {gn} is not finite. Resume from the last "
+                        f"checkpoint in {self.rd.root} with a lower train.lr, or set train.skip_nonfinite_steps=true "
+                        "to have such steps skipped.")
                 post = dict(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{gn:.3g}",
                             samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.set_postfix(post)

@@ -84,3 +84,33 @@ def test_fused_mode_resolution(tiny_paths):
         load_config(None, ["model.fused_kernels=fast"])
     with pytest.raises(ConfigError, match="zero_stage=2"):
         load_config(None, ["model.fused_kernels=compile", "train.zero_stage=3"])
+
+
+def test_cached_token_indices_keep_peft_arithmetic(tiny_paths):
+    """backbone.cache_token_indices: the trainable-token embedding and tied head give peft's own values and
+    gradients, with the index tensor built once."""
+    from kava_testing import build
+
+    from kava_dist.backbone import parts
+
+    cfg, model, tok, special = build(tiny_paths, "llama")
+    lm = parts(model)[0]
+    layers = [m for m in model.modules() if hasattr(m, "token_indices") and "get_merged_weights" in vars(m)]
+    assert layers, "add_lora patched no trainable-token layer"
+    emb = lm.get_input_embeddings()
+    for p in emb.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)                 # deltas that change the new-token rows
+    ids = torch.tensor([[special.bot, special.latent, 5, special.eot]])
+    out = emb(ids)
+    (out.square().sum()).backward()
+    g_fast = {n: p.grad.clone() for n, p in emb.named_parameters() if p.grad is not None}
+    for m in layers:
+        del m.get_merged_weights                               # back to peft's method
+    emb.zero_grad()
+    ref = emb(ids)
+    (ref.square().sum()).backward()
+    torch.testing.assert_close(out, ref)
+    assert g_fast and all(torch.equal(g_fast[n], p.grad) for n, p in emb.named_parameters() if p.grad is not None)
+    base = next(m.base_layer.weight for m in layers if isinstance(m.base_layer, torch.nn.Embedding))
+    assert not torch.allclose(out, torch.nn.functional.embedding(ids, base))     # the deltas are in use
