@@ -12,12 +12,13 @@
 #   part 9: the GPU tests                                                                          (1 GPU)
 #   part 11: where a fused student step makes the host wait for the device (sync debug mode)       (1 GPU)
 #   part 12: after removing the host syncs: micro 256 (profile, sync sites), student vs online at global 128 (1 H200)
+#   part 13: fused student at micro 384 (1 GPU), then 2 GPUs vs 1 at global 256 / micro 128     (2 H200)
 #   part 10: micro 256 with Inductor's C++ wrapper (less host time per kernel), micro 384, the GPU tests (1 H200)
 #   part 5: the cache build job (teacher actor + write actors) vs bare, 1B and 3B, with write variants (1 GPU)
 # Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
 # Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh 1|2|3|4|5|6|7|8|9|10|11|12}
+part=${1:?usage: gpu_suite.sh 1|2|3|4|5|6|7|8|9|10|11|12|13}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ ! -d /tmp/site/ray ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -69,6 +70,13 @@ case $part in
        --rounds 2 --profile --find-syncs --out "$OUT/train_fused_m256.json"
      run timeout 300 python3 bench/train_bench.py --shape 1b --global-batch 128 --micro-batch 128 --online-micro-batch 32 \
        --rounds 2 --out "$OUT/train_student_online_128.json" ;;
+  13) run timeout 200 python3 bench/train_bench.py --shape 1b --variants student --global-batch 384 --micro-batch 384 \
+       --rounds 2 --out "$OUT/train_fused_m384.json"
+     # 2 GPUs vs 1 at equal global batch (256) and equal micro-batch (128): 1 GPU accumulates 2, each of 2 GPUs 1
+     run timeout 170 python3 bench/train_bench.py --shape 1b --variants student --global-batch 256 --micro-batch 128 \
+       --rounds 2 --out "$OUT/train_fused_1gpu.json"
+     run timeout 200 deepspeed --num_gpus 2 bench/train_bench.py --shape 1b --variants student --global-batch 256 \
+       --micro-batch 128 --rounds 2 --world 2 --compare "$OUT/train_fused_1gpu.json" --out "$OUT/train_fused_2gpu.json" ;;
   11) run timeout 250 python3 bench/train_bench.py --shape 1b --variants student --global-batch 128 --micro-batch 128 \
        --rounds 1 --find-syncs ;;
 esac
