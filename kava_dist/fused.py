@@ -13,9 +13,7 @@ copies and elementwise kernels (HF's fp32 RMSNorm round trips, RoPE's slices and
 GQA). Compiling those pieces one by one cut device time by 27% but made the step host-bound (1,300 compiled
 calls per micro-step). Here each decoder layer is one compiled graph (torch.compile, symbolic batch and length,
 shared by all layers of the stack), called once per layer per pass: Inductor fuses the norms, RoPE, SiLU x up, residual
-adds and peft's dropout/scale, and the K/V of a cached pass are concatenated inside the graph. The frozen q/k/v
-(and gate/up) weights of a layer share one storage (the modules' weights become views of it), so each group is
-one GEMM, plus the LoRA terms computed from peft's own lora_A/lora_B/dropout modules.
+adds and peft's dropout/scale, and the K/V of a cached pass are concatenated inside the graph.
 
 Same arithmetic as the HF path (kava_dist.student.HFPasses): RMSNorm statistics in fp32 cast back before the
 weight, RoPE in the activation dtype, the same causal + padding mask (built here from the 2D mask, as transformers'
@@ -75,100 +73,14 @@ def folded_gqa_sdpa(q_BHSD, k_BhKD, v_BhKD, mask_B1SK, scaling: float, dropout: 
     return out.unflatten(2, (G, S)).permute(0, 3, 1, 2, 4).reshape(B, S, H * D)
 
 
-@dataclass
-class LayerWeights:
-    """A layer's frozen projections sharing one storage, so one GEMM computes q, k and v (and one gate and up);
-    the nn.Linear weights become views into it (no extra memory). LoRA terms of the single active adapter:
-    (A weight, B weight, dropout p, scaling), applied as peft's modules do. Plain tensors and numbers, so one
-    compiled graph serves every layer (module objects here would be guarded by identity)."""
-    w_qkv: torch.Tensor
-    b_qkv: torch.Tensor | None
-    qkv_sizes: list[int]
-    lora_qkv: list[tuple] | None
-    w_gu: torch.Tensor | None
-
-
-def _plain_lora(mod: nn.Module):
-    """(base nn.Linear, LoRA terms or None) of a plain nn.Linear or of a peft LoRA Linear in its plain training
-    state (one active adapter, not merged, no DoRA-like variant); None for anything else."""
-    if type(mod) is nn.Linear:
-        return mod, None
-    base = getattr(mod, "base_layer", None)
-    names = getattr(mod, "active_adapters", None)
-    if (type(base) is not nn.Linear or not names or len(names) != 1 or mod.merged or mod.disable_adapters
-            or names[0] not in mod.lora_A or names[0] in getattr(mod, "lora_variant", {})):
-        return None
-    n = names[0]
-    drop, a, b = mod.lora_dropout[n], mod.lora_A[n], mod.lora_B[n]
-    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
-        return None
-    p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-    return base, (a.weight, b.weight, float(p), float(mod.scaling[n]))
-
-
-def _share_storage(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate frozen weights (and biases) into one tensor and point each module at its slice."""
-    with torch.no_grad():
-        w = torch.cat([m.weight for m in linears])
-        b = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
-    start = 0
-    for m in linears:
-        n = m.weight.shape[0]
-        m.weight.data = w[start:start + n]
-        if b is not None:
-            m.bias.data = b[start:start + n]
-        start += n
-    return w, b
-
-
-def fuse_layer_weights(layer: nn.Module) -> LayerWeights | None:
-    """LayerWeights for `layer`, or None when its projections are trained, biased differently or not plain."""
-    attn, mlp = layer.self_attn, layer.mlp
-    parts_qkv = [_plain_lora(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    if any(p is None for p in parts_qkv):
-        return None
-    bases = [p[0] for p in parts_qkv]
-    frozen = all(not t.requires_grad for m in bases for t in m.parameters())
-    same = len({(m.weight.dtype, m.weight.device, m.bias is None) for m in bases}) == 1
-    if not (frozen and same):
-        return None
-    loras = [p[1] for p in parts_qkv]
-    w_qkv, b_qkv = _share_storage(bases)
-    w_gu = None
-    gate, up = mlp.gate_proj, mlp.up_proj
-    if (type(gate) is nn.Linear and type(up) is nn.Linear and gate.bias is None and up.bias is None
-            and not gate.weight.requires_grad and not up.weight.requires_grad):
-        w_gu, _ = _share_storage([gate, up])
-    return LayerWeights(w_qkv=w_qkv, b_qkv=b_qkv, qkv_sizes=[m.weight.shape[0] for m in bases],
-                        lora_qkv=None if all(lo is None for lo in loras) else loras, w_gu=w_gu)
-
-
-def _lora_delta(x: torch.Tensor, lora, training: bool) -> torch.Tensor | None:
-    """peft's plain LoRA term: lora_B(lora_A(dropout(x))) * scaling."""
-    if lora is None:
-        return None
-    a_rd, b_or, p, scaling = lora
-    return F.linear(F.linear(F.dropout(x, p, training), a_rd), b_or) * scaling
-
-
-def layer_forward(layer: nn.Module, lw: LayerWeights | None, h_BSd, cos_BSD, sin_BSD, mask_B1SK, past_k, past_v,
-                  keep_pre_rope: bool):
-    """One Llama/Qwen2 decoder layer. Returns (h, k over past+new, v over past+new, new pre-RoPE k or None).
-    With `lw`, q/k/v (and gate/up) come from one GEMM over the shared storage plus each LoRA term, which is
-    what calling the peft modules computes; without it the modules are called."""
+def layer_forward(layer: nn.Module, h_BSd, cos_BSD, sin_BSD, mask_B1SK, past_k, past_v, keep_pre_rope: bool):
+    """One Llama/Qwen2 decoder layer. Returns (h, k over past+new, v over past+new, new pre-RoPE k or None)."""
     attn, mlp = layer.self_attn, layer.mlp
     B, S, _ = h_BSd.shape
     x = _rms(layer.input_layernorm, h_BSd)
-    if lw is None:
-        q, k_pre, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    else:
-        q, k_pre, v = F.linear(x, lw.w_qkv, lw.b_qkv).split(lw.qkv_sizes, dim=-1)
-        if lw.lora_qkv is not None:
-            deltas = [_lora_delta(x, lo, attn.training) for lo in lw.lora_qkv]
-            q, k_pre, v = (t if d is None else t + d for t, d in zip((q, k_pre, v), deltas))
-    q = q.reshape(B, S, -1, attn.head_dim).transpose(1, 2)
-    k_pre = k_pre.reshape(B, S, -1, attn.head_dim).transpose(1, 2)
-    v = v.reshape(B, S, -1, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(x).view(B, S, -1, attn.head_dim).transpose(1, 2)
+    k_pre = attn.k_proj(x).view(B, S, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(B, S, -1, attn.head_dim).transpose(1, 2)
     q, k = _rope(q, cos_BSD, sin_BSD), _rope(k_pre, cos_BSD, sin_BSD)
     if past_k is not None:
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
@@ -176,11 +88,7 @@ def layer_forward(layer: nn.Module, lw: LayerWeights | None, h_BSd, cos_BSD, sin
     o = folded_gqa_sdpa(q, k, v, mask_B1SK, attn.scaling, dropout)
     h_BSd = h_BSd + attn.o_proj(o)
     x = _rms(layer.post_attention_layernorm, h_BSd)
-    if lw is not None and lw.w_gu is not None:
-        gate, up = F.linear(x, lw.w_gu).chunk(2, dim=-1)
-    else:
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    h_BSd = h_BSd + mlp.down_proj(F.silu(gate) * up)
+    h_BSd = h_BSd + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
     return h_BSd, k, v, (k_pre if keep_pre_rope else None)
 
 
@@ -203,24 +111,11 @@ class FusedDecoder:
 
         self.lm, self.decoder, _ = parts(model)
         self.compiled = compile
-        # dynamic=None with the sequence dims marked dynamic in run(): lengths are symbolic, while hidden size,
-        # heads and head dim stay static for Inductor's kernels (all-dynamic kernels were slower)
+        # dynamic=None: compiled for the first shapes, then once more with only the dims that changed (batch
+        # rows, sequence length) symbolic; hidden size, heads and head dim stay static for Inductor's kernels
         self.layer = torch.compile(layer_forward, dynamic=None) if compile else layer_forward
-        if compile:   # graphs: with/without a cache, pre-RoPE keys kept or not, a few symbolic-shape refinements
+        if compile:   # graphs: with/without a cache, pre-RoPE keys kept or not, then symbolic-length refinements
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        self.weights = [fuse_layer_weights(layer) for layer in self.decoder.layers]
-
-    def _layer_weights(self, i: int, layer: nn.Module) -> LayerWeights | None:
-        """The shared-storage weights of layer i while they still back its modules and peft is in the state they
-        were built for (a move/cast of the model, a merge or disabled adapters fall back to the module calls)."""
-        lw = self.weights[i]
-        if lw is None:
-            return None
-        q = layer.self_attn.q_proj
-        base = getattr(q, "base_layer", q)
-        if base.weight.data_ptr() != lw.w_qkv.data_ptr() or (lw.lora_qkv is not None and _plain_lora(q) is None):
-            return None
-        return lw
 
     def run(self, embeds_BSd, mask_BK, pos_BS, past=None, *, pre_rope: bool = False, hidden_col: int | None = None,
             lm_head: bool = False) -> PassOut:
@@ -231,17 +126,9 @@ class FusedDecoder:
         mask = causal_padding_mask(mask_BK, B, S, P, embeds_BSd.device)
         h, kv, pre, hidden = embeds_BSd, [], [], []
         layers = list(dec.layers)
-        if self.compiled:        # lengths vary from batch to batch: trace them symbolic from the first call
-            mark = torch._dynamo.maybe_mark_dynamic
-            for t, dims in ((embeds_BSd, (1,)), (cos, (1,)), (sin, (1,)), (mask, (2, 3))):
-                for d in dims:
-                    mark(t, d)
         for i, layer in enumerate(layers):
             pk, pv = past[i] if past is not None else (None, None)
-            if self.compiled and pk is not None:
-                torch._dynamo.maybe_mark_dynamic(pk, 2)
-                torch._dynamo.maybe_mark_dynamic(pv, 2)
-            h, k, v, kp = self.layer(layer, self._layer_weights(i, layer), h, cos, sin, mask, pk, pv, pre_rope)
+            h, k, v, kp = self.layer(layer, h, cos, sin, mask, pk, pv, pre_rope)
             kv.append((k, v))
             pre.append(kp)
             if hidden_col is not None and i < len(layers) - 1:

@@ -124,7 +124,7 @@ def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentC
     out0 = passes.run(_embed(lm, ids), mask, pos)
     h_BMd = out0.last_BSd[:, Q:Q + M]            # <bot>, latent_0 .. latent_{M-2}
     z_BMd = prj(h_BMd)
-    q_cache = [(k[:, :, :Q + 1].contiguous(), v[:, :, :Q + 1].contiguous()) for k, v in out0.kv]  # shared by T passes
+    q_cache = [(k[:, :, :Q + 1], v[:, :, :Q + 1]) for k, v in out0.kv]
     if latent.fix_masks:
         lat_mask, lat_pos = mask, pos[:, Q + 1:]
     else:  # PCCoT: no mask in the latent passes, positions are column indices
