@@ -257,11 +257,17 @@ def test_sweep_grid_parsing():
         parse_grid(["loss.alpha_kv"])
 
 
-def test_zero2_clip_runs_on_device_with_deepspeeds_arithmetic():
+def test_zero2_clip_runs_on_device_with_deepspeeds_arithmetic(monkeypatch):
     """engine._clip_on_device replaces DeepSpeed's ZeRO-1/2 unscale_and_clip_grads (which syncs the host on
     `bool(norm)`) with the same arithmetic on the device: compared with DeepSpeed's own method on the same grads."""
+    import torch.distributed as tdist
+
     from kava_dist.config import TrainConfig
 
+    # a world of one whose rendezvous variables are undone after the test (subprocess tests inherit os.environ)
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(E._free_port())).items():
+        monkeypatch.setenv(k, v)
     dist = E.init_distributed()
     model = torch.nn.Linear(4, 3)
     tc = TrainConfig(global_batch=2, micro_batch=2, zero_stage=2, precision="fp32", grad_clip=1.5)
@@ -276,3 +282,4 @@ def test_zero2_clip_runs_on_device_with_deepspeeds_arithmetic():
         opt.unscale_and_clip_grads([b], torch.tensor(norm))
         torch.testing.assert_close(b, a, equal_nan=True)
     assert torch.allclose(b, torch.zeros_like(b)) and not torch.allclose(g, torch.zeros_like(g))  # invalid -> 0
+    tdist.destroy_process_group()
