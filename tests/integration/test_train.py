@@ -242,3 +242,13 @@ def test_sweep_reuses_one_store(ws, sweep):
     rc, text = run([PY, "-m", "jobs.sweep", *ws["common"], "train.stage=student", f"store.path={ws['store']}",
                     "--grid", "eviction.method=rkv,crop", "--out", str(bad)], ws["root"] / "sweep_bad.log", ok=False)
     assert rc == 2 and "eviction.method: 'rkv' != 'crop'" in text and not bad.exists()
+
+
+@pytest.mark.timeout(900)
+def test_non_finite_loss_stops_the_run_naming_the_fix(ws):
+    """train.skip_nonfinite_steps=false (default): a diverged run stops at the next log line, naming what to do."""
+    out = ws["root"] / "diverged"
+    rc, text = run([PY, "-m", "jobs.train", *ws["common"], "train.stage=student", f"store.path={ws['store']}",
+                    "train.lr=1e30", "train.warmup_ratio=0", "train.max_steps=4", "train.log_every=1",
+                    f"train.out_dir={out}"], ws["root"] / "diverged.log", ok=False)
+    assert rc != 0 and "is not finite" in text and "train.skip_nonfinite_steps=true" in text, text[-3000:]
