@@ -119,7 +119,8 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device) -> 
     if tc.zero_stage >= 2:
         # overlap_comm off: with it DeepSpeed synchronizes the whole device at the end of every backward and per
         # reduced bucket; only the LoRA/projection/token gradients (tens of MB) are reduced, so there is little
-        # communication to overlap and the syncs cost more (BENCHMARKS.md, "Student MFU"). An overlay may turn it on.
+        # communication to overlap and the syncs cost more (BENCHMARKS.md, "Current: fused student passes"). An
+        # overlay may turn it on.
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
     if tc.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=1e4)
@@ -280,10 +281,10 @@ def _no_scalar_uploads() -> None:
 
 def _clip_on_device(opt) -> bool:
     """DeepSpeed's ZeRO-1/2 optimizer checks the gradient norm with `bool(tensor)` before clipping: a host sync
-    every step, after which the GPU idles while the host finishes the step and queues the next forward (~0.1 s
-    per step of a fused 1B student, BENCHMARKS.md). This replaces that method on the instance with the same
-    arithmetic kept on the device: a non-finite or negative (DeepSpeed's invalid marker) norm still clips by inf
-    (the update becomes zero), a finite one by max(1, norm / clip)."""
+    every step, after which the GPU idles while the host finishes the step and queues the next forward. This
+    replaces that method on the instance with the same arithmetic kept on the device: a non-finite or negative
+    (DeepSpeed's invalid marker) norm scales the gradients by 1/inf as DeepSpeed's does, a finite one by
+    1 / max(1, norm / clip) (tests/unit/test_loader_engine.py compares the two)."""
     if type(opt).__name__ != "DeepSpeedZeroOptimizer" or not all(
             hasattr(opt, a) for a in ("unscale_and_clip_grads", "clip_grad", "loss_scale")):
         return False

@@ -6,22 +6,24 @@ Usage:
     out = runner_for(model).run(embeds_BSd, mask_BK, pos_BS, past_kv)  # what kava_dist.student calls per pass
     out.last_BSd, out.kv, out.pre_k, out.hidden_BLd, out.logits_BSV
 
-Why (BENCHMARKS.md "Student MFU"): a student micro-step is five short passes (prefix, T=3 Jacobi passes over
-M=24 latents, answer) through 16-28 layers. Through HF + peft modules that is ~2,000 module calls and ~5,000
-kernels per micro-step, and at micro 128 on an H200 the device spent 37% of its time in GEMMs and half in dtype
-copies and elementwise kernels (HF's fp32 RMSNorm round trips, RoPE's slices and cats, K/V repeated for masked
-GQA). Compiling those pieces one by one cut device time by 27% but made the step host-bound (1,300 compiled
-calls per micro-step). Here each decoder layer is one compiled graph (torch.compile, symbolic batch and length,
-shared by all layers of the stack), called once per layer per pass: Inductor fuses the norms, RoPE, SiLU x up, residual
-adds and peft's dropout/scale, and the K/V of a cached pass are concatenated inside the graph.
+Why (BENCHMARKS.md, "Current: fused student passes"): a student micro-step is five short passes (prefix, T=3
+Jacobi passes over M=24 latents, answer) through 16-28 layers. Through the HF + peft modules that is thousands of
+module calls and kernels per micro-step, and at micro 128 on an H200 the device spent 37% of its time in GEMMs
+and about half in dtype copies and elementwise kernels (HF's fp32 RMSNorm round trips, RoPE's slices and cats,
+K/V repeated for masked GQA). Compiling those pieces one by one cut device time by 27% but made the step
+host-bound (1,300 compiled calls per micro-step). Here each decoder layer is one compiled graph (torch.compile;
+model dims static, lengths symbolic after the first new shape; one graph serves every layer of the stack),
+called once per layer per pass: Inductor fuses the norms, RoPE, SiLU x up, residual adds and peft's
+dropout/scale, and the K/V of a cached pass are concatenated inside the graph.
 
 Same arithmetic as the HF path (kava_dist.student.HFPasses): RMSNorm statistics in fp32 cast back before the
 weight, RoPE in the activation dtype, the same causal + padding mask (built here from the 2D mask, as transformers'
 sdpa_mask does), and grouped-query attention with the G query heads of a KV head stacked on the query axis
-instead of K/V repeated G times (`folded_gqa_sdpa`). The q/k/v/o, MLP and norm modules are still called, so peft's
-LoRA (dropout, scaling) is what runs. `eager` runs the same function uncompiled (the reference the unit tests
-compare with HF). Not under ZeRO-3: its parameter gathering hooks cannot run inside a compiled graph (auto falls
-back to the HF modules there; an explicit `compile` is refused by the config check).
+instead of K/V repeated G times (`folded_gqa_sdpa`). The q/k/v/o and MLP projection modules are still called, so
+peft's LoRA (dropout, scaling) is what runs; the norms are computed from their own weights. `eager` runs the same
+function uncompiled (the reference the unit tests compare with HF). Not under ZeRO-3: its parameter gathering
+hooks cannot run inside a compiled graph (auto falls back to the HF modules there; an explicit `compile` is
+refused by the config check).
 """
 from __future__ import annotations
 
@@ -157,9 +159,11 @@ def apply_fused(model: nn.Module, mode: str, device: torch.device | str, zero_st
 
     mode = resolve_mode(mode, device, zero_stage)
     lm = parts(model)[0]
-    if type(lm.model).__name__ not in ("LlamaModel", "Qwen2Model") and mode != "hf":
-        raise ValueError(f"model.fused_kernels={mode} supports Llama/Qwen2 decoders, not {type(lm.model).__name__}; "
-                         "set model.fused_kernels=hf.")
+    if mode != "hf" and (type(lm.model).__name__ not in ("LlamaModel", "Qwen2Model")
+                         or getattr(lm.config, "hidden_act", "silu") != "silu"):
+        raise ValueError(f"model.fused_kernels={mode} supports Llama/Qwen2 decoders with SiLU MLPs, not "
+                         f"{type(lm.model).__name__} ({getattr(lm.config, 'hidden_act', '?')}); set "
+                         "model.fused_kernels=hf.")
     lm._kava_fused = None if mode == "hf" else FusedDecoder(model, compile=mode == "compile")
     return mode
 

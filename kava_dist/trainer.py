@@ -37,8 +37,8 @@ import torch.distributed as tdist
 
 from kava_dist import engine as E
 from kava_dist.backbone import add_lora, load_adapter, load_backbone
-from kava_dist.fused import apply_fused
 from kava_dist.config import KavaConfig, save_config
+from kava_dist.fused import apply_fused
 from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store
 from kava_dist.prompts import collate, encode_examples, load_examples, load_training_set
 from kava_dist.run import RunDir
