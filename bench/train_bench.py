@@ -481,6 +481,11 @@ def main(argv=None) -> int:
     if args.out and dist.is_main:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():         # all ranks leave together (else rank 1 logs a TCPStore error at exit)
+        tdist.barrier()
+        tdist.destroy_process_group()
     return 0
 
 
