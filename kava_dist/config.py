@@ -216,8 +216,8 @@ class TrainConfig:
     """Gradient-norm clip."""
     skip_nonfinite_steps: bool = False
     """bf16: let DeepSpeed skip an optimizer step whose gradients hold inf/NaN (its check_grad_overflow). The check
-    syncs the host with the GPU every step (a few % of a fused student step); off, a non-finite loss or gradient
-    norm stops the run at the next log line, naming the last checkpoint to resume from."""
+    makes the host wait for the GPU every step (BENCHMARKS.md, the sync sites of a student step); off, a non-finite
+    loss or gradient norm stops the run at the next log line, naming the last checkpoint to resume from."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
     zero_stage: int = 2
