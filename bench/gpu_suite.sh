@@ -5,16 +5,16 @@
 #   part 3: 2-GPU scaling of the cache build and of training                 (2 GPUs)
 #   part 4: where the cache build's time goes (1B): store write capacity, bare passes with and without
 #           cuDNN SDPA, the job with the defaults / cuDNN allowed / a faster write setting  (1 GPU)
-#   part 7: student MFU vs micro-batch (64, 128) and with per-layer torch.compile                    (1 H200)
+#   part 5: the cache build job (teacher actor + write actors) vs bare, 1B and 3B, with write variants (1 GPU)
 #   part 6: where a cache-build actor's compute time goes (1B; stage timings + torch.profiler tables)   (1 GPU)
+#   part 7: student MFU vs micro-batch (64, 128) and with per-layer torch.compile                    (1 H200)
 #   part 8: fused student passes (model.fused_kernels=compile): micro 256 with a profile, then compile vs hf
 #           side by side at micro 128                                                              (1 H200)
 #   part 9: the GPU tests                                                                          (1 GPU)
+#   part 10: micro 256 with Inductor's C++ wrapper (less host time per kernel), micro 384, the GPU tests (1 H200)
 #   part 11: where a fused student step makes the host wait for the device (sync debug mode)       (1 GPU)
 #   part 12: after removing the host syncs: micro 256 (profile, sync sites), student vs online at global 128 (1 H200)
 #   part 13: fused student at micro 384 (1 GPU), then 2 GPUs vs 1 at global 256 / micro 128     (2 H200)
-#   part 10: micro 256 with Inductor's C++ wrapper (less host time per kernel), micro 384, the GPU tests (1 H200)
-#   part 5: the cache build job (teacher actor + write actors) vs bare, 1B and 3B, with write variants (1 GPU)
 # Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
 # Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
 set -uo pipefail

@@ -238,9 +238,7 @@ def find_syncs(engines, loaders, plans, step: int, dev) -> None:
 
     for v, engine in engines.items():
         seen.clear()
-        old = warnings.showwarning
-        warnings.showwarning = show
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():          # restores showwarning and the filters on exit
             warnings.simplefilter("always")
             warnings.showwarning = show
             torch.cuda.set_sync_debug_mode("warn")
@@ -248,7 +246,6 @@ def find_syncs(engines, loaders, plans, step: int, dev) -> None:
                 run_block(engine, loaders[v], step, 1, plans[v].accum, dev)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = old
         print(f"[train_bench] syncs {v}: {sum(seen.values())} synchronizing calls at {len(seen)} sites", flush=True)
         for stack, n in seen.items():
             print(f"--- {n}x\n{stack}", flush=True)
@@ -284,7 +281,8 @@ def profile_step(engines, loaders, plans, step: int, dev) -> None:
 
 
 def bench_cfg(shape: str, args, micro: int, bf16: bool, fused: str = "auto"):
-    over = [f"model.fused_kernels={fused}", "lora.r=128", "lora.alpha=32", "lora.dropout=0.1", "latent.num_latents=24", "latent.num_iterations=3",
+    over = [f"model.fused_kernels={fused}", "lora.r=128", "lora.alpha=32", "lora.dropout=0.1",
+            "latent.num_latents=24", "latent.num_iterations=3",
             f"train.global_batch={args.global_batch}", f"train.micro_batch={micro}", "train.zero_stage=2",
             f"train.precision={'bf16' if bf16 else 'fp32'}", "train.warmup_ratio=0", "train.max_steps=100000",
             "store.dtype=bf16"]

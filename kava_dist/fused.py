@@ -27,22 +27,13 @@ refused by the config check).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kava_dist.backbone import parts
 from kava_dist.config import FUSED_MODES
-
-
-@dataclass
-class PassOut:
-    last_BSd: torch.Tensor | None                          # final-norm hidden states (None when logits are asked)
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None     # per layer post-RoPE (k, v) over past + new columns
-    pre_k: list[torch.Tensor] | None = None                # per layer pre-RoPE keys of the new columns [B,h,S,D]
-    hidden_BLd: torch.Tensor | None = None                 # HF hidden_states[1:] at one column
-    logits_BSV: torch.Tensor | None = None
+from kava_dist.student import PassOut
 
 
 def _rms(norm: nn.Module, x_BSd: torch.Tensor) -> torch.Tensor:
@@ -109,8 +100,6 @@ class FusedDecoder:
     """Runs the student's passes through `layer_forward` (compiled once for all layers, or eager)."""
 
     def __init__(self, model: nn.Module, compile: bool):
-        from kava_dist.backbone import parts
-
         self.lm, self.decoder, _ = parts(model)
         self.compiled = compile
         # dynamic=None: compiled for the first shapes, then once more with only the dims that changed (batch
@@ -155,8 +144,6 @@ def resolve_mode(mode: str, device: torch.device | str, zero_stage: int = 0) -> 
 
 def apply_fused(model: nn.Module, mode: str, device: torch.device | str, zero_stage: int = 0) -> str:
     """Attach the fused runner to `model` per `model.fused_kernels`; returns the resolved mode."""
-    from kava_dist.backbone import parts
-
     mode = resolve_mode(mode, device, zero_stage)
     lm = parts(model)[0]
     if mode != "hf" and (type(lm.model).__name__ not in ("LlamaModel", "Qwen2Model")
@@ -170,6 +157,4 @@ def apply_fused(model: nn.Module, mode: str, device: torch.device | str, zero_st
 
 def runner_for(model: nn.Module):
     """The fused runner attached by apply_fused, or None (the caller then uses the HF modules)."""
-    from kava_dist.backbone import parts
-
     return getattr(parts(model)[0], "_kava_fused", None)

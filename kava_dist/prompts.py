@@ -291,13 +291,13 @@ class Batch:
         return int(self.q_mask.sum() + self.cot_mask.sum() + self.ans_mask.sum())
 
 
-
 def load_training_set(data, tokenizer) -> tuple[list[Encoded], DataReport]:
     """`data.train_path` loaded and encoded with every `DataConfig` setting (style, answer prompt, last-step drop,
     length limit, row limit): the one definition of "the training examples" that the trainer, the cache build
     and its benchmark share, so a store's rows and a run's examples cannot drift apart."""
     examples, report = load_examples(data.train_path, data.cot_style, data.numeric_answer, data.limit)
     return encode_examples(examples, tokenizer, data.answer_prompt, data.drop_last_step, data.max_tokens, report)
+
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(s) for s in seqs), default=0)

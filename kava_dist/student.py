@@ -66,6 +66,16 @@ def _embed(lm, ids):
     return lm.get_input_embeddings()(ids)
 
 
+@dataclass
+class PassOut:
+    """What one student pass returns, from HFPasses or kava_dist.fused.FusedDecoder."""
+    last_BSd: torch.Tensor | None                          # final-norm hidden states (None when logits are asked)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None     # per layer post-RoPE (k, v) over past + new columns
+    pre_k: list[torch.Tensor] | None = None                # per layer pre-RoPE keys of the new columns [B,h,S,D]
+    hidden_BLd: torch.Tensor | None = None                 # HF hidden_states[1:] at one column
+    logits_BSV: torch.Tensor | None = None
+
+
 class HFPasses:
     """The student's passes through the HF/peft modules (the reference; kava_dist.fused.FusedDecoder has the same
     `run`). mask_BK: 2D mask over past + new columns (None: causal only); past: per-layer (k, v) or None."""
@@ -75,9 +85,7 @@ class HFPasses:
         self.lm, self.decoder, _ = parts(model)
 
     def run(self, embeds_BSd, mask_BK, pos_BS, past=None, *, pre_rope: bool = False, hidden_col: int | None = None,
-            lm_head: bool = False):
-        from kava_dist.fused import PassOut
-
+            lm_head: bool = False) -> PassOut:
         cache = make_cache(past) if past is not None else None
         captured: dict[int, torch.Tensor] = {}
         ctx = _pre_rope_capture(self.model, captured) if pre_rope else nullcontext()
