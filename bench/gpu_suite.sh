@@ -15,10 +15,13 @@
 #   part 11: where a fused student step makes the host wait for the device (sync debug mode)       (1 GPU)
 #   part 12: after removing the host syncs: micro 256 (profile, sync sites), student vs online at global 128 (1 H200)
 #   part 13: fused student at micro 384 (1 GPU), then 2 GPUs vs 1 at global 256 / micro 128     (2 H200)
+#   part 14: length-grouped batches (train.group_by_length) vs uniform random ones, side by side, whole epochs per
+#            round: 1B student at micro 256 (+ profile), then student vs online at global 128       (1 H200)
+#   part 15: the same for the 3B shape at micro 128, then the GPU tests                            (1 H200)
 # Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
 # Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh 1|2|3|4|5|6|7|8|9|10|11|12|13}
+part=${1:?usage: gpu_suite.sh 1|2|...|15}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ ! -d /tmp/site/ray ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -77,6 +80,16 @@ case $part in
        --rounds 2 --out "$OUT/train_fused_1gpu.json"
      run timeout 200 deepspeed --num_gpus 2 bench/train_bench.py --shape 1b --variants student --global-batch 256 \
        --micro-batch 128 --rounds 2 --world 2 --compare "$OUT/train_fused_1gpu.json" --out "$OUT/train_fused_2gpu.json" ;;
+  14) run timeout 300 python3 bench/train_bench.py --shape 1b --global-batch 256 --micro-batch 256 --pool 8 --steps 8 \
+       --rounds 2 --variants student:train.group_by_length=0,student:train.group_by_length=8 --profile \
+       --out "$OUT/train_grouped_m256.json"
+     run timeout 240 python3 bench/train_bench.py --shape 1b --global-batch 128 --micro-batch 128 --online-micro-batch 32 \
+       --pool 4 --steps 4 --rounds 2 --variants student:train.group_by_length=8,online:train.group_by_length=8 \
+       --out "$OUT/train_grouped_student_online_128.json" ;;
+  15) run timeout 330 python3 bench/train_bench.py --shape 3b --global-batch 128 --micro-batch 128 --pool 4 --steps 4 \
+       --rounds 2 --variants student:train.group_by_length=0,student:train.group_by_length=8 \
+       --out "$OUT/train_grouped_3b_m128.json"
+     run timeout 200 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
   11) run timeout 250 python3 bench/train_bench.py --shape 1b --variants student --global-batch 128 --micro-batch 128 \
        --rounds 1 --find-syncs ;;
 esac

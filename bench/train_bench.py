@@ -8,6 +8,8 @@ Usage:
     deepspeed --num_gpus 2 bench/train_bench.py --world 2 --shape 1b --compare bench/results/train_1gpu.json
     python bench/train_bench.py --shape tiny --global-batch 8 --rounds 2          # CPU smoke (fp32)
     python bench/train_bench.py --targets store               # student reads targets from a local cache_store
+    python bench/train_bench.py --shape 1b --variants student,student:train.group_by_length=8 --pool 8 --steps 8
+                                       # a variant is STAGE[@FUSED_MODE][:KEY=VALUE...] (its own config overrides)
 
 Model: Llama-3.2 shapes with random weights (1b: 16 layers, d 2048, 32 q / 8 kv heads, MLP 8192, vocab 128256,
 tied embeddings; 3b: 28 layers, d 3072, 24 / 8 heads), paper settings: LoRA r=128, alpha 32, dropout 0.1 on
@@ -58,7 +60,7 @@ from kava_dist import engine as E  # noqa: E402
 from kava_dist.backbone import LatentProjection, add_lora  # noqa: E402
 from kava_dist.config import load_config  # noqa: E402
 from kava_dist.fused import apply_fused  # noqa: E402
-from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store  # noqa: E402
+from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for  # noqa: E402
 from kava_dist.prompts import Encoded, add_special_tokens, collate  # noqa: E402
 from kava_dist.step import Targets, compute_targets  # noqa: E402
 from kava_dist.teacher import teacher_forward  # noqa: E402
@@ -280,7 +282,7 @@ def profile_step(engines, loaders, plans, step: int, dev) -> None:
               flush=True)                                     # what the host spends the step on
 
 
-def bench_cfg(shape: str, args, micro: int, bf16: bool, fused: str = "auto"):
+def bench_cfg(shape: str, args, micro: int, bf16: bool, fused: str = "auto", extra: list[str] = ()):
     over = [f"model.fused_kernels={fused}", "lora.r=128", "lora.alpha=32", "lora.dropout=0.1",
             "latent.num_latents=24", "latent.num_iterations=3",
             f"train.global_batch={args.global_batch}", f"train.micro_batch={micro}", "train.zero_stage=2",
@@ -288,7 +290,16 @@ def bench_cfg(shape: str, args, micro: int, bf16: bool, fused: str = "auto"):
             "store.dtype=bf16"]
     if shape == "tiny":
         over += ["lora.r=8", "lora.alpha=16", "latent.num_latents=6", "latent.num_iterations=2"]
-    return load_config(None, over + args.overrides)
+    return load_config(None, over + args.overrides + list(extra))
+
+
+def parse_variant(v: str) -> tuple[str, str | None, list[str]]:
+    """STAGE[@FUSED_MODE][:KEY=VALUE...] -> (stage, mode or None, overrides)."""
+    head, *over = v.split(":")
+    stage, _, mode = head.partition("@")
+    if stage not in ("student", "online"):
+        raise SystemExit(f"--variants {v}: the stage must be student or online.")
+    return stage, mode or None, over
 
 
 def bench_shape(shape: str, args, dist) -> list[dict]:
@@ -298,14 +309,16 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
     bf16 = args.precision == "bf16" or (args.precision == "auto" and dev.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    stage = {v: v.split("@")[0] for v in variants}
-    fused = {v: v.split("@")[1] if "@" in v else args.fused for v in variants}
+    parsed = {v: parse_variant(v) for v in variants}
+    stage = {v: parsed[v][0] for v in variants}
+    fused = {v: parsed[v][1] or args.fused for v in variants}
     micro_of = {"student": args.micro_batch or MICRO[shape][0], "online": args.online_micro_batch or MICRO[shape][1]}
     micro = {v: micro_of[stage[v]] for v in variants}
-    cfgs = {v: bench_cfg(shape, args, micro[v], bf16, fused[v]) for v in variants}
+    cfgs = {v: bench_cfg(shape, args, micro[v], bf16, fused[v], [f"train.stage={stage[v]}"] + parsed[v][2])
+            for v in variants}
     cfg0 = next(iter(cfgs.values()))
     items = synth_examples(args.pool * args.global_batch, args.q_len, args.cot_len, args.ans_len, seed=0)
-    plans = {v: GlobalBatchPlan(len(items), args.global_batch, micro[v], dist.world_size, seed=0) for v in variants}
+    plans = {v: plan_for(cfgs[v].train, items, dist.world_size) for v in variants}
     engines, loaders, tmp, t_gen, targets, patched = {}, {}, None, 0.0, None, {}   # patched: resolved fused mode
     for v in variants:
         model, special, mc = random_backbone(shape, cfgs[v], dev, dtype)
@@ -335,6 +348,8 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
         engines[v] = E.build_engine(E.StageModule(model, stage[v], special, cfgs[v]), cfgs[v].train, 100000, dist)
         engines[v].train()
     times: dict[str, list[float]] = {v: [] for v in variants}
+    round_flops: dict[str, list[float]] = {v: [] for v in variants}     # mean model FLOPs of the steps each round ran
+    round_tokens: dict[str, list[float]] = {v: [] for v in variants}
     mem: dict[str, float] = {v: 0.0 for v in variants}
     step = 0
     for r in range(args.warmup + args.rounds):
@@ -346,26 +361,30 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
                 mem[v] = max(mem[v], torch.cuda.max_memory_allocated(dev) / 2**30)
             if r >= args.warmup:
                 times[v].append(dt)
+                ran = [[items[i] for i in plans[v].global_indices(s)] for s in range(step, step + args.steps)]
+                round_flops[v].append(statistics.mean(flops.step(stage[v], b) for b in ran))
+                round_tokens[v].append(statistics.mean(sum(e.teacher_len for e in b) for b in ran))
         step += args.steps
     if args.profile and dev.type == "cuda":
         profile_step(engines, loaders, plans, step, dev)
     if args.find_syncs and dev.type == "cuda":
         find_syncs(engines, loaders, plans, step + 1, dev)
-    # FLOPs of a global step: mean over the steps of one epoch of the plan (all ranks' examples)
-    plan = plans[variants[0]]
-    step_flops = {v: statistics.mean(flops.step(stage[v], [items[i] for i in plan.global_indices(s)])
-                                     for s in range(plan.steps_per_epoch)) for v in variants}
-    tokens = statistics.mean(sum(e.teacher_len for e in (items[i] for i in plan.global_indices(s)))
-                             for s in range(plan.steps_per_epoch))
+    # FLOPs: of the global steps each measured round ran (all ranks' examples); the round with the median step time
+    # is reported. With grouped lengths, steps differ in size: run whole epochs per round (--steps = --pool) so that
+    # every variant's rounds hold the same examples.
     out = []
     for v in variants:
-        t = statistics.median(times[v])
-        tflops = step_flops[v] / t / 1e12
-        out.append({"shape": shape, "variant": v, "world": dist.world_size, "global_batch": args.global_batch,
+        mid = sorted(range(len(times[v])), key=lambda i: times[v][i])[(len(times[v]) - 1) // 2]
+        t, step_flops, tokens = times[v][mid], round_flops[v][mid], round_tokens[v][mid]
+        tflops = step_flops / t / 1e12
+        out.append({"shape": shape, "variant": v, "stage": stage[v], "world": dist.world_size,
+                    "global_batch": args.global_batch, "group_by_length": cfgs[v].train.group_by_length,
                     "micro_batch": micro[v], "accum": plans[v].accum, "precision": "bf16" if bf16 else "fp32",
                     "targets": args.targets if stage[v] == "student" else "-", "step_s": t, "step_s_all": times[v],
+                    "mfu_all": [f / x / (args.peak_tflops * 1e12 * dist.world_size)
+                                for f, x in zip(round_flops[v], times[v])],
                     "samples_per_s": args.global_batch / t, "tokens_per_s": tokens / t,
-                    "model_tflops_per_step": step_flops[v] / 1e12, "achieved_tflops": tflops,
+                    "model_tflops_per_step": step_flops / 1e12, "achieved_tflops": tflops,
                     "mfu": tflops / (args.peak_tflops * dist.world_size), "peak_mem_gib": mem[v],
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "lengths": {"question": args.q_len, "cot": args.cot_len, "answer": args.ans_len},
@@ -394,17 +413,24 @@ def report(rows: list[dict], args, is_main: bool) -> None:
               flush=True)
     for shape in dict.fromkeys(r["shape"] for r in rows):
         by = {r["variant"]: r for r in rows if r["shape"] == shape}
-        if {"student", "online"} <= set(by):
-            sp = by["student"]["samples_per_s"] / by["online"]["samples_per_s"]
-            print(f"[train_bench] shape={shape} world={by['student']['world']}: student/online = {sp:.2f}x samples/s "
-                  f"(target >= 1.5x: {'PASS' if sp >= 1.5 else 'FAIL'}); student MFU {100 * by['student']['mfu']:.1f}% "
-                  f"(target >= 35%: {'PASS' if by['student']['mfu'] >= 0.35 else 'FAIL'})", flush=True)
-        for stage in ("student", "online"):      # the same stage with other kernels: ratio to the first listed
-            same = [r for name, r in by.items() if name.split("@")[0] == stage]
-            for r in same[1:]:
-                print(f"[train_bench] shape={shape} {stage}: model.fused_kernels={same[0]['fused_kernels']} vs "
-                      f"{r['fused_kernels']} = {same[0]['samples_per_s'] / r['samples_per_s']:.2f}x samples/s "
-                      f"(MFU {100 * same[0]['mfu']:.1f}% vs {100 * r['mfu']:.1f}%)", flush=True)
+        suffix = lambda name: name.partition(":")[2]  # noqa: E731  (the variant's own overrides)
+        for sn, s in by.items():
+            if s["stage"] != "student":
+                continue
+            for on, o in by.items():   # student vs online with the same overrides (and any kernels)
+                if o["stage"] == "online" and suffix(on) == suffix(sn):
+                    sp = s["samples_per_s"] / o["samples_per_s"]
+                    print(f"[train_bench] shape={shape} world={s['world']}: {sn} / {on} = {sp:.2f}x samples/s "
+                          f"(target >= 1.5x: {'PASS' if sp >= 1.5 else 'FAIL'})", flush=True)
+            print(f"[train_bench] shape={shape} world={s['world']}: {sn} MFU {100 * s['mfu']:.1f}% (target >= 35%: "
+                  f"{'PASS' if s['mfu'] >= 0.35 else 'FAIL'}; rounds: "
+                  f"{', '.join(f'{100 * m:.1f}%' for m in s['mfu_all'])})", flush=True)
+        for stage in ("student", "online"):      # the same stage, other kernels or settings: ratio to the first listed
+            same = [(name, r) for name, r in by.items() if r["stage"] == stage]
+            for name, r in same[1:]:
+                print(f"[train_bench] shape={shape} {stage}: {same[0][0]} vs {name} = "
+                      f"{same[0][1]['samples_per_s'] / r['samples_per_s']:.2f}x samples/s "
+                      f"(MFU {100 * same[0][1]['mfu']:.1f}% vs {100 * r['mfu']:.1f}%)", flush=True)
     if args.compare:
         base = {(r["shape"], r["variant"]): r for r in json.loads(Path(args.compare).read_text())["results"]}
         for r in rows:
@@ -437,7 +463,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of one device (H100 SXM bf16: 989)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic shapes)")
     ap.add_argument("--variants", default="student,online", help="which variants to measure: student | online, "
-                    "each optionally @MODE to override --fused for it (e.g. student,student@hf: fused vs HF kernels)")
+                    "each optionally @MODE to override --fused for it (e.g. student,student@hf: fused vs HF kernels) "
+                    "and :KEY=VALUE config overrides of its own (e.g. student:train.group_by_length=8)")
     ap.add_argument("--fused", default="auto", help="model.fused_kernels of every variant without @MODE "
                     "(auto = compile on CUDA, hf on CPU)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one step of each variant")

@@ -5,7 +5,7 @@ Usage:
     plan = GlobalBatchPlan(n_items=len(encoded), global_batch=128, micro_batch=8, world_size=2, seed=0)
     loader = TokenLoader(encoded, plan, rank=0, pad_id=special.pad)                # teacher / online / nocot
     items, rows, info = align_store(reader, encoded)                              # student: data order -> rows
-    plan = GlobalBatchPlan(len(items), 128, 8, 2, seed=0)
+    plan = plan_for(cfg.train, items, world_size=2)                               # + train.group_by_length
     loader = StoreLoader(reader, items, rows, plan, rank=0, pad_id=special.pad)    # + store targets
     for step, micro, batch, targets in loader.iterate(start_step=0, num_steps=1000): ...
 
@@ -15,13 +15,22 @@ to rank j // accum (accum = G / (micro * world)). So 1 process x accumulation 2 
 optimizer step as 2 processes x accumulation 1, and resuming at step s needs nothing but s. The partial last
 global batch of an epoch is dropped. For the student stage the plan indexes the training examples that the
 store holds, in data order (`align_store`), so it sees the same batches as `online` on the same data.
+
+Length grouping (`train.group_by_length`, `plan_for`): padding to the longest row of a micro-batch is compute
+that counts for nothing, so the plan can group examples of similar length. With 1, each global batch keeps its
+examples but is sorted by length before it is cut, so each micro-batch holds neighbours in length, and micro-step
+j of every rank gets lengths of the same rank (no rank waits on another's long rows). With N > 1 the epoch's
+order is cut into megabatches of N global batches, each sorted by length and cut back into global batches whose
+order is then shuffled (HF Trainer's group_by_length): global batches become length-homogeneous too (a sampling
+change, docs/DEVIATIONS.md D23). Either way the plan stays a function of (seed, epoch), never of the GPU count
+beyond the rank layout, and an epoch still takes every kept example once.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator, Sequence
 
@@ -41,6 +50,11 @@ class GlobalBatchPlan:
     micro_batch: int
     world_size: int
     seed: int = 0
+    group_by_length: int = 0
+    """0: uniform random batches; 1: micro-batches grouped by length inside each global batch; N > 1: global
+    batches grouped too, by megabatches of N global batches (module docstring)."""
+    lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """Padded-cost length of each item (`padded_length`); required when group_by_length > 0."""
 
     def __post_init__(self):
         if min(self.global_batch, self.micro_batch, self.world_size) < 1:
@@ -54,6 +68,11 @@ class GlobalBatchPlan:
         if self.n_items < self.global_batch:
             raise ValueError(f"only {self.n_items} training examples for train.global_batch={self.global_batch}. "
                              "Lower the global batch or add data.")
+        if self.group_by_length < 0:
+            raise ValueError(f"train.group_by_length={self.group_by_length} must be >= 0 (0 = off).")
+        if self.group_by_length and (self.lengths is None or len(self.lengths) != self.n_items):
+            raise ValueError(f"train.group_by_length={self.group_by_length} needs one length per item "
+                             f"({self.n_items}); build the plan with plan_for().")
 
     @property
     def accum(self) -> int:
@@ -64,8 +83,29 @@ class GlobalBatchPlan:
         return self.n_items // self.global_batch
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """Item order of `epoch`: a permutation seeded by (seed, epoch), so every epoch reshuffles."""
-        return _permutation(self.seed, epoch, self.n_items)
+        """Item order of `epoch`: a permutation seeded by (seed, epoch), so every epoch reshuffles; with
+        group_by_length, regrouped by length (module docstring)."""
+        perm = _permutation(self.seed, epoch, self.n_items)
+        if not self.group_by_length:
+            return perm
+        return self._grouped(perm, epoch)
+
+    def _grouped(self, perm: np.ndarray, epoch: int) -> np.ndarray:
+        G, used = self.global_batch, self.steps_per_epoch * self.global_batch
+        lengths = np.asarray(self.lengths)
+        mega = self.group_by_length * G
+        batches = []
+        for start in range(0, used, mega):
+            part = perm[start:min(start + mega, used)]
+            part = part[np.argsort(-lengths[part], kind="stable")]         # longest first, ties in shuffled order
+            batches += list(part.reshape(-1, G))
+        order = np.arange(len(batches))
+        if self.group_by_length > 1:                                         # no length curriculum over the epoch
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+        # inside a global batch: sorted micro-batch k -> rank k % world, micro-step k // world
+        k = np.arange(self.world_size * self.accum).reshape(self.accum, self.world_size).T.reshape(-1)
+        out = [batches[i].reshape(-1, self.micro_batch)[k].reshape(-1) for i in order]
+        return np.concatenate(out + [perm[used:]])
 
     def global_indices(self, step: int) -> np.ndarray:
         """Item indices of global optimizer step `step` (all ranks, all micro-batches), in micro-batch order."""
@@ -80,6 +120,21 @@ class GlobalBatchPlan:
             raise ValueError(f"rank {rank} is not in [0, {self.world_size}).")
         micros = self.global_indices(step).reshape(-1, self.micro_batch)     # [world * accum, micro]
         return list(micros[rank * self.accum:(rank + 1) * self.accum])
+
+
+def padded_length(e: Encoded, stage: str) -> int:
+    """What a row's padding is driven by: the teacher sequence for teacher/online, else question + answer (the
+    student's prefix and answer passes; its latent passes are M wide for every row)."""
+    if stage in ("teacher", "online"):
+        return e.teacher_len
+    return len(e.question_ids) + len(e.prompt_ids) + len(e.answer_ids)
+
+
+def plan_for(tc, items: Sequence[Encoded], world_size: int) -> GlobalBatchPlan:
+    """The plan of a run from its TrainConfig (global/micro batch, seed, group_by_length) and its items."""
+    lengths = np.array([padded_length(e, tc.stage) for e in items], dtype=np.int64) if tc.group_by_length else None
+    return GlobalBatchPlan(len(items), tc.global_batch, tc.micro_batch, world_size, tc.seed, tc.group_by_length,
+                           lengths)
 
 
 @lru_cache(maxsize=4)

@@ -39,7 +39,7 @@ from kava_dist import engine as E
 from kava_dist.backbone import add_lora, load_adapter, load_backbone
 from kava_dist.config import KavaConfig, save_config
 from kava_dist.fused import apply_fused
-from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store
+from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for
 from kava_dist.prompts import collate, encode_examples, load_examples, load_training_set
 from kava_dist.run import RunDir
 
@@ -108,10 +108,10 @@ class Trainer:
             items, rows, info = align_store(self.reader, encoded)
             if dist.is_main:
                 log.info("store %s (fingerprint %s): %s", cfg.store.path, self.reader.fingerprint, info)
-            self.plan = GlobalBatchPlan(len(items), tc.global_batch, tc.micro_batch, dist.world_size, tc.seed)
+            self.plan = plan_for(tc, items, dist.world_size)
             self.loader = StoreLoader(self.reader, items, rows, self.plan, dist.rank, self.special.pad)
         else:
-            self.plan = GlobalBatchPlan(len(encoded), tc.global_batch, tc.micro_batch, dist.world_size, tc.seed)
+            self.plan = plan_for(tc, encoded, dist.world_size)
             self.loader = TokenLoader(encoded, self.plan, dist.rank, self.special.pad)
         accum = E.accumulation(tc, dist.world_size)
         assert accum == self.plan.accum and tc.micro_batch * accum * dist.world_size == tc.global_batch

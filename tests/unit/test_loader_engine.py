@@ -11,7 +11,7 @@ import torch
 
 from kava_dist import engine as E
 from kava_dist.config import load_config, save_config
-from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store
+from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store, padded_length, plan_for
 from kava_dist.prompts import Encoded
 
 CPU = torch.device("cpu")
@@ -57,6 +57,67 @@ def test_resume_at_step_gives_the_same_tail():
         tail = [(s, m, b.ids.tolist()) for s, m, b, _ in TokenLoader(items, plan, rank, 0, prefetch=0).iterate(4, 7)]
         assert tail == [x for x in full if x[0] >= 4]
         assert [x[:2] for x in full[:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]   # accum 2 micro-batches per step
+
+
+def _padded_cost(plan: GlobalBatchPlan, lengths: np.ndarray, steps: int) -> int:
+    """Tokens computed when every micro-batch is padded to its longest row."""
+    return sum(int(lengths[m].max()) * len(m) for s in range(steps) for r in range(plan.world_size)
+               for m in plan.micro_indices(s, r))
+
+
+def test_group_by_length_1_keeps_each_global_batch_and_sorts_its_micro_batches():
+    lengths = np.random.default_rng(0).integers(20, 200, size=96)
+    plain = GlobalBatchPlan(96, 16, 4, 1, seed=2)
+    one = GlobalBatchPlan(96, 16, 4, 1, seed=2, group_by_length=1, lengths=lengths)
+    two = GlobalBatchPlan(96, 16, 2, 2, seed=2, group_by_length=1, lengths=lengths)
+    for step in range(12):                                        # two epochs
+        want = sorted(plain.global_indices(step).tolist())
+        assert sorted(one.global_indices(step).tolist()) == want == sorted(two.global_indices(step).tolist())
+        micro_max = [lengths[m].max() for m in one.micro_indices(step, 0)]
+        assert micro_max == sorted(micro_max, reverse=True)       # 1 rank: longest micro-batch first
+        # 2 ranks x accumulation 2: micro-step j of both ranks takes neighbouring sorted micro-batches
+        r0, r1 = two.micro_indices(step, 0), two.micro_indices(step, 1)
+        assert lengths[r0[0]].min() >= lengths[r1[0]].max() >= lengths[r0[1]].min() >= lengths[r1[1]].max()
+    assert _padded_cost(one, lengths, 12) < _padded_cost(plain, lengths, 12)
+
+
+def test_group_by_length_megabatches_cover_the_epoch_and_cut_padding():
+    lengths = np.random.default_rng(1).integers(20, 200, size=203)
+    plain = GlobalBatchPlan(203, 8, 4, 1, seed=0)
+    grouped = GlobalBatchPlan(203, 8, 4, 1, seed=0, group_by_length=5, lengths=lengths)
+    assert grouped.steps_per_epoch == 25
+    epochs = [np.concatenate([grouped.global_indices(e * 25 + s) for s in range(25)]) for e in range(2)]
+    for ep in epochs:
+        assert len(set(ep.tolist())) == 200 and ep.max() < 203   # every kept example once per epoch
+    assert epochs[0].tolist() != epochs[1].tolist()
+    assert grouped.permutation(0).tolist() == GlobalBatchPlan(203, 8, 4, 1, 0, 5, lengths).permutation(0).tolist()
+    assert _padded_cost(grouped, lengths, 25) < 0.8 * _padded_cost(plain, lengths, 25)
+    # the GPU count changes only which rank runs which micro-batch, never the examples of a step
+    two = GlobalBatchPlan(203, 8, 2, 2, seed=0, group_by_length=5, lengths=lengths)
+    for step in range(25):
+        a = sorted(np.concatenate(grouped.micro_indices(step, 0)).tolist())
+        b = sorted(np.concatenate([m for r in range(2) for m in two.micro_indices(step, r)]).tolist())
+        assert a == b
+    # batches come from sorted megabatches, in shuffled order: no length curriculum over the epoch
+    first_len = [lengths[grouped.global_indices(s)].max() for s in range(25)]
+    assert first_len != sorted(first_len, reverse=True) and first_len != sorted(first_len)
+
+
+def test_plan_for_takes_the_stage_length_and_refuses_missing_lengths():
+    items = enc(24)
+    student = plan_for(load_config(None, ["train.global_batch=8", "train.micro_batch=4"]).train, items, 1)
+    online = plan_for(load_config(None, ["train.global_batch=8", "train.micro_batch=4", "train.stage=online"]).train,
+                      items, 1)
+    assert student.group_by_length == 1
+    assert student.lengths.tolist() == [len(e.question_ids) + 4 for e in items]
+    assert online.lengths.tolist() == [e.teacher_len for e in items] == [padded_length(e, "online") for e in items]
+    off = plan_for(load_config(None, ["train.global_batch=8", "train.micro_batch=4", "train.group_by_length=0"]).train,
+                   items, 1)
+    assert off.lengths is None and off.permutation(0).tolist() == GlobalBatchPlan(24, 8, 4, 1).permutation(0).tolist()
+    with pytest.raises(ValueError, match="plan_for"):
+        GlobalBatchPlan(24, 8, 4, 1, group_by_length=2)
+    with pytest.raises(Exception, match="train.group_by_length=-1 must be >= 0"):
+        load_config(None, ["train.group_by_length=-1"])
 
 
 def test_bad_divisibility_and_too_little_data_are_refused_naming_the_fields():
