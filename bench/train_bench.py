@@ -22,7 +22,9 @@ CPU bf16 tensors (the form a store read returns), or written to and read back fr
 Measurement: each variant has its own engine (a model copy with the same init) so it can use its own
 micro-batch at the same global batch (student 64 / online 32 on 1b, 32 / 16 on 3b, to fit 80 GB). `--rounds`
 rounds after `--warmup` rounds; each round runs `--steps` optimizer steps of each variant (the order alternates
-between rounds); time between CUDA syncs; the median round is reported. `--compile` torch.compiles each decoder
+between rounds); time between CUDA syncs; reported: mean step time and FLOPs over the measured rounds (each
+round's MFU is listed too). Variants with `:train.group_by_length=N` see length-grouped batches: give them whole
+epochs per round (`--steps` = `--pool`), so that every variant's rounds hold the same examples. `--compile` torch.compiles each decoder
 layer (kava_dist.engine.compile_decoder_layers).
 
 FLOPs (model FLOPs, real tokens only; padding is not counted): for a pass over t tokens with h of them
@@ -369,13 +371,13 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
         profile_step(engines, loaders, plans, step, dev)
     if args.find_syncs and dev.type == "cuda":
         find_syncs(engines, loaders, plans, step + 1, dev)
-    # FLOPs: of the global steps each measured round ran (all ranks' examples); the round with the median step time
-    # is reported. With grouped lengths, steps differ in size: run whole epochs per round (--steps = --pool) so that
-    # every variant's rounds hold the same examples.
+    # FLOPs: of the global steps each measured round ran (all ranks' examples); reported over all measured rounds
+    # (mean step time, mean FLOPs per step). With grouped lengths, steps differ in size: run whole epochs per round
+    # (--steps = --pool) so that every variant's rounds hold the same examples.
     out = []
     for v in variants:
-        mid = sorted(range(len(times[v])), key=lambda i: times[v][i])[(len(times[v]) - 1) // 2]
-        t, step_flops, tokens = times[v][mid], round_flops[v][mid], round_tokens[v][mid]
+        t, step_flops = statistics.mean(times[v]), statistics.mean(round_flops[v])
+        tokens = statistics.mean(round_tokens[v])
         tflops = step_flops / t / 1e12
         out.append({"shape": shape, "variant": v, "stage": stage[v], "world": dist.world_size,
                     "global_batch": args.global_batch, "group_by_length": cfgs[v].train.group_by_length,
@@ -451,7 +453,7 @@ def main(argv=None) -> int:
     ap.add_argument("--online-micro-batch", type=int, default=0, help="micro-batch of the online variant, whose "
                     "teacher pass needs more activation memory (0 = per shape: tiny 4, 1b 32, 3b 16)")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per variant per round")
-    ap.add_argument("--rounds", type=int, default=3, help="measured rounds (median reported)")
+    ap.add_argument("--rounds", type=int, default=3, help="measured rounds (mean reported)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     ap.add_argument("--pool", type=int, default=2, help="distinct examples = pool x global batch")
     ap.add_argument("--q-len", type=int, default=100)
