@@ -18,10 +18,11 @@
 #   part 14: length-grouped batches (train.group_by_length) vs uniform random ones, side by side, whole epochs per
 #            round: 1B student at micro 256 (+ profile), then student vs online at global 128       (1 H200)
 #   part 15: the same for the 3B shape at micro 128, then the GPU tests                            (1 H200)
+#   part 16: parts 14-15's side-by-side runs again with 2 warm-up and 3 measured rounds (no profile)  (1 H200)
 # Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
 # Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh 1|2|...|15}
+part=${1:?usage: gpu_suite.sh 1|2|...|16}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ ! -d /tmp/site/ray ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -90,6 +91,12 @@ case $part in
        --rounds 2 --variants student:train.group_by_length=0,student:train.group_by_length=8 \
        --out "$OUT/train_grouped_3b_m128.json"
      run timeout 200 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
+  16) run timeout 270 python3 bench/train_bench.py --shape 1b --global-batch 256 --micro-batch 256 --pool 8 --steps 8 \
+       --warmup 2 --rounds 3 --variants student:train.group_by_length=0,student:train.group_by_length=8 \
+       --out "$OUT/train_grouped_m256_r3.json"
+     run timeout 290 python3 bench/train_bench.py --shape 3b --global-batch 128 --micro-batch 128 --pool 4 --steps 4 \
+       --warmup 2 --rounds 3 --variants student:train.group_by_length=0,student:train.group_by_length=8 \
+       --out "$OUT/train_grouped_3b_m128_r3.json" ;;
   11) run timeout 250 python3 bench/train_bench.py --shape 1b --variants student --global-batch 128 --micro-batch 128 \
        --rounds 1 --find-syncs ;;
 esac
