@@ -54,7 +54,8 @@ class GlobalBatchPlan:
     """0: uniform random batches; 1: micro-batches grouped by length inside each global batch; N > 1: global
     batches grouped too, by megabatches of N global batches (module docstring)."""
     lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
-    """Padded-cost length of each item (`padded_length`); required when group_by_length > 0."""
+    """Padded-cost length of each item (`padded_length`); required when group_by_length > 0, used by
+    padding_fraction."""
 
     def __post_init__(self):
         if min(self.global_batch, self.micro_batch, self.world_size) < 1:
@@ -89,6 +90,15 @@ class GlobalBatchPlan:
         if not self.group_by_length:
             return perm
         return self._grouped(perm, epoch)
+
+    def padding_fraction(self, epoch: int = 0) -> float | None:
+        """Share of the length units that are padding when each micro-batch of `epoch` is padded to its longest
+        row (by `lengths`; None without them): what train.group_by_length saves."""
+        if self.lengths is None:
+            return None
+        used = self.steps_per_epoch * self.global_batch
+        L = np.asarray(self.lengths)[self.permutation(epoch)[:used].reshape(-1, self.micro_batch)]
+        return float(1.0 - L.sum() / max(1, L.max(axis=1).sum() * self.micro_batch))
 
     def _grouped(self, perm: np.ndarray, epoch: int) -> np.ndarray:
         G, used = self.global_batch, self.steps_per_epoch * self.global_batch
@@ -132,7 +142,7 @@ def padded_length(e: Encoded, stage: str) -> int:
 
 def plan_for(tc, items: Sequence[Encoded], world_size: int) -> GlobalBatchPlan:
     """The plan of a run from its TrainConfig (global/micro batch, seed, group_by_length) and its items."""
-    lengths = np.array([padded_length(e, tc.stage) for e in items], dtype=np.int64) if tc.group_by_length else None
+    lengths = np.array([padded_length(e, tc.stage) for e in items], dtype=np.int64)
     return GlobalBatchPlan(len(items), tc.global_batch, tc.micro_batch, world_size, tc.seed, tc.group_by_length,
                            lengths)
 

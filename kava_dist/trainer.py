@@ -113,6 +113,11 @@ class Trainer:
         else:
             self.plan = plan_for(tc, encoded, dist.world_size)
             self.loader = TokenLoader(encoded, self.plan, dist.rank, self.special.pad)
+        if dist.is_main:
+            log.info("batches: train.group_by_length=%d; padding is %.1f%% of the padded %s length (epoch 0)%s",
+                     tc.group_by_length, 100 * self.plan.padding_fraction(0),
+                     "teacher" if tc.stage in ("teacher", "online") else "question + answer",
+                     "" if tc.group_by_length > 1 else "; train.group_by_length=N > 1 groups global batches by length")
         accum = E.accumulation(tc, dist.world_size)
         assert accum == self.plan.accum and tc.micro_batch * accum * dist.world_size == tc.global_batch
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * self.plan.steps_per_epoch))

@@ -7,7 +7,8 @@ under the `deepspeed` launcher), jobs.sweep. What is checked:
   1. the student loss on a cached batch equals the online loss terms on the same batch (same frozen teacher);
   2. one process with accumulation 2 matches two processes under the launcher (ZeRO-2) on the loss curve;
   3. ZeRO-3 (every parameter partitioned) trains and exports an adapter that load_run reloads to the same logits;
-  4. a run SIGKILLed after a checkpoint and resumed reproduces the uninterrupted curve (LoRA dropout on: RNG);
+  4. a run SIGKILLed after a checkpoint and resumed reproduces the uninterrupted curve (LoRA dropout on: RNG;
+     length-grouped batches: train.group_by_length=2);
   5. a store built for other eviction settings is refused, naming the field;
   6. a 2-point sweep checks the store's fingerprint once, runs both, writes summary.md/json.
 """
@@ -187,7 +188,7 @@ def test_zero3_trains_and_exports_a_reloadable_adapter(ws):
 @pytest.mark.timeout(900)
 def test_killed_and_resumed_run_reproduces_the_curve(ws):
     args = [PY, "-m", "jobs.train", *ws["common"], "train.stage=student", f"store.path={ws['store']}",
-            "train.max_steps=4", "train.save_every=2", "lora.dropout=0.1"]
+            "train.max_steps=4", "train.save_every=2", "lora.dropout=0.1", "train.group_by_length=2"]
     full, cut = ws["root"] / "full", ws["root"] / "cut"
     run(args + [f"train.out_dir={full}"], ws["root"] / "full.log")
     env = _env()

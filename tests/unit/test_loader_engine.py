@@ -113,7 +113,13 @@ def test_plan_for_takes_the_stage_length_and_refuses_missing_lengths():
     assert online.lengths.tolist() == [e.teacher_len for e in items] == [padded_length(e, "online") for e in items]
     off = plan_for(load_config(None, ["train.global_batch=8", "train.micro_batch=4", "train.group_by_length=0"]).train,
                    items, 1)
-    assert off.lengths is None and off.permutation(0).tolist() == GlobalBatchPlan(24, 8, 4, 1).permutation(0).tolist()
+    assert off.permutation(0).tolist() == GlobalBatchPlan(24, 8, 4, 1).permutation(0).tolist()
+    base = ["train.global_batch=8", "train.micro_batch=4", "train.stage=online"]     # CoT lengths differ
+    grouped = plan_for(load_config(None, base + ["train.group_by_length=3"]).train, items, 1)
+    plain = plan_for(load_config(None, base + ["train.group_by_length=0"]).train, items, 1)
+    assert 0 <= grouped.padding_fraction(0) < plain.padding_fraction(0) < 1
+    L = plain.lengths[plain.permutation(0)[:24].reshape(-1, 4)]
+    assert plain.padding_fraction(0) == pytest.approx(1 - L.sum() / (L.max(1).sum() * 4))
     with pytest.raises(ValueError, match="plan_for"):
         GlobalBatchPlan(24, 8, 4, 1, group_by_length=2)
     with pytest.raises(Exception, match="train.group_by_length=-1 must be >= 0"):
