@@ -18,8 +18,8 @@ store holds, in data order (`align_store`), so it sees the same batches as `onli
 
 Length grouping (`train.group_by_length`, `plan_for`): padding to the longest row of a micro-batch is compute
 that counts for nothing, so the plan can group examples of similar length. With 1, each global batch keeps its
-examples but is sorted by length before it is cut, so each micro-batch holds neighbours in length, and micro-step
-j of every rank gets lengths of the same rank (no rank waits on another's long rows). With N > 1 the epoch's
+examples but is sorted by length before it is cut, so each micro-batch holds neighbours in length, and at
+micro-step j every rank gets neighbouring lengths (no rank waits on another's long rows). With N > 1 the epoch's
 order is cut into megabatches of N global batches, each sorted by length and cut back into global batches whose
 order is then shuffled (HF Trainer's group_by_length): global batches become length-homogeneous too (a sampling
 change, docs/DEVIATIONS.md D23). Either way the plan stays a function of (seed, epoch), never of the GPU count
@@ -89,7 +89,13 @@ class GlobalBatchPlan:
         perm = _permutation(self.seed, epoch, self.n_items)
         if not self.group_by_length:
             return perm
-        return self._grouped(perm, epoch)
+        cache = self.__dict__.setdefault("_grouped_cache", {})   # per plan: grouping sorts the whole epoch
+        if epoch not in cache:
+            if len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            cache[epoch] = self._grouped(perm, epoch)
+            cache[epoch].setflags(write=False)
+        return cache[epoch]
 
     def padding_fraction(self, epoch: int = 0) -> float | None:
         """Share of the length units that are padding when each micro-batch of `epoch` is padded to its longest
