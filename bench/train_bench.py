@@ -24,8 +24,8 @@ micro-batch at the same global batch (student 64 / online 32 on 1b, 32 / 16 on 3
 rounds after `--warmup` rounds; each round runs `--steps` optimizer steps of each variant (the order alternates
 between rounds); time between CUDA syncs; reported: mean step time and FLOPs over the measured rounds (each
 round's MFU is listed too). Variants with `:train.group_by_length=N` see length-grouped batches: give them whole
-epochs per round (`--steps` = `--pool`), so that every variant's rounds hold the same examples. `--compile` torch.compiles each decoder
-layer (kava_dist.engine.compile_decoder_layers).
+epochs per round (`--steps` = `--pool`), so that every variant's rounds hold the same examples. `--compile`
+torch.compiles each decoder layer (kava_dist.engine.compile_decoder_layers).
 
 FLOPs (model FLOPs, real tokens only; padding is not counted): for a pass over t tokens with h of them
 through the LM head and P (query, key) attention pairs (causal, real keys), with N = decoder matmul params per
