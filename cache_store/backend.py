@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -39,6 +40,46 @@ def _check_rel(rel: str) -> str:
     if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"path {rel!r} must be relative to the store root without '.', '..' or empty parts")
     return rel
+
+
+class DiskFull(OSError):
+    """No space left on the device that holds a store object (ENOSPC), named by path."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(errno.ENOSPC, f"disk full at {path}: free space there (or use another store.path) and rerun "
+                                       "the same command; finished shards are kept")
+        self.path = path
+
+
+def name_enospc(e: BaseException, path: str) -> BaseException:
+    """`e` as DiskFull(path) when it is ENOSPC, else `e` unchanged."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC and not isinstance(e, DiskFull):
+        return DiskFull(str(path))
+    return e
+
+
+# errors that say something definite about the object: never retried
+_PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+              ValueError, TypeError, KeyError)
+
+
+def with_retries(fn: Any, what: str, attempts: int = 4, base_delay: float = 0.2) -> Any:
+    """Call fn(); a transient error (anything but a definite answer such as FileNotFoundError) is retried with
+    exponential backoff (base_delay x 2^i); after `attempts` tries the last error is raised, naming `what`."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except _PERMANENT:
+            raise
+        except Exception as e:  # noqa: BLE001 - transient object-store/network errors
+            if i == attempts - 1:
+                raise OSError(f"{what} failed {attempts} times ({type(e).__name__}: {e}); the object store is "
+                              "unreachable or failing: check it and rerun") from e
+            delay = base_delay * 2 ** i
+            logger.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(e).__name__, e, i + 1,
+                           attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def is_local_url(url: str) -> bool:
@@ -136,12 +177,17 @@ class LocalBackend(Backend):
         return out
 
     def _write_tmp(self, path: Path, data: bytes) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write `data` to a temp file beside `path`; on any failure the temp file is removed (ENOSPC -> DiskFull)."""
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            raise name_enospc(e, str(path)) from e
         return tmp
 
     def write_atomic(self, rel: str, data: bytes) -> None:
@@ -236,35 +282,51 @@ class FsspecBackend(Backend):
         return f"{self.root}/{_check_rel(rel)}"
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._p(rel))
+        return with_retries(lambda: self.fs.cat_file(self._p(rel)), f"read of {self.describe(rel)}")
 
     def read_many(self, rels: list[str]) -> dict[str, bytes]:
+        """Objects that exist among `rels`: missing ones omitted; any other error is retried (with_retries),
+        then raised -- a transient failure never reads as "absent"."""
         if not rels:
             return {}
         paths = {self._p(r): r for r in rels}
-        got = self.fs.cat(list(paths), on_error="omit")  # concurrent on async backends (s3fs)
-        # fsspec may return keys with or without the protocol; map them back by suffix.
-        out = {}
-        for k, v in got.items():
-            k = k.split("://", 1)[-1]
-            if k in paths and not isinstance(v, Exception):
-                out[paths[k]] = v
+        out: dict[str, bytes] = {}
+
+        def attempt() -> None:
+            todo = [p for p, r in paths.items() if r not in out]
+            got = self.fs.cat(todo, on_error="return")  # concurrent on async backends (s3fs)
+            failed = None
+            for k, v in got.items():
+                k = k.split("://", 1)[-1]  # fsspec may return keys with or without the protocol
+                if k not in paths or isinstance(v, FileNotFoundError):
+                    continue
+                if isinstance(v, BaseException):
+                    failed = v
+                else:
+                    out[paths[k]] = v
+            if failed is not None:
+                raise failed
+
+        with_retries(attempt, f"read of {len(rels)} objects under {self.url}")
         return out
 
     def read_ranges(self, reqs: list[tuple[str, int, int | None]]) -> list[bytes | None]:
         if not reqs:
             return []
-        got = self.fs.cat_ranges([self._p(r) for r, _, _ in reqs], [s for _, s, _ in reqs], [e for _, _, e in reqs],
-                                 on_error="return")  # concurrent on async backends (s3fs)
-        out: list[bytes | None] = []
-        for g in got:
-            if isinstance(g, FileNotFoundError):
-                out.append(None)
-            elif isinstance(g, BaseException):
-                raise g
-            else:
-                out.append(bytes(g))
-        return out
+        def attempt() -> list[bytes | None]:
+            got = self.fs.cat_ranges([self._p(r) for r, _, _ in reqs], [s for _, s, _ in reqs],
+                                     [e for _, _, e in reqs], on_error="return")  # concurrent on async backends
+            out: list[bytes | None] = []
+            for g in got:
+                if isinstance(g, FileNotFoundError):
+                    out.append(None)
+                elif isinstance(g, BaseException):
+                    raise g
+                else:
+                    out.append(bytes(g))
+            return out
+
+        return with_retries(attempt, f"ranged read of {len(reqs)} chunks under {self.url}")
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self._p(rel), data)
@@ -286,7 +348,7 @@ class FsspecBackend(Backend):
         path = self._p(rel)
         self.fs.invalidate_cache(path)
         try:
-            names = self.fs.ls(path, detail=False)
+            names = with_retries(lambda: self.fs.ls(path, detail=False), f"listing of {self.describe(rel)}")
         except (FileNotFoundError, NotADirectoryError):
             return []
         out = sorted({n.rstrip("/").rsplit("/", 1)[-1] for n in names})

@@ -117,6 +117,9 @@ class FastChunkReader:
         self.spec = spec
         self.shard_size = int(spec.shard_size or 0)
         self.layouts = layouts
+        # (array path, shard) -> bytes its file must have (the ledger's record); a missing file with
+        # expected bytes is an error, never fill values. None: every missing file reads as fill.
+        self.expected_bytes: Any = None
         self._index: OrderedDict[tuple[str, int], np.ndarray | None] = OrderedDict()
         self._index_max = max(64, index_cache_bytes // (16 * max(1, self.shard_size)))
         self._lock = threading.Lock()
@@ -144,7 +147,9 @@ class FastChunkReader:
             got = self.backend.read_ranges([(shard_file_key(self.layouts[p].arr, s), -n, None) for p, s in todo])
             for (p, s), raw in zip(todo, got):
                 if raw is None:
-                    have[(p, s)] = None  # no file: every row of this shard is fill
+                    if self.expected_bytes is not None and self.expected_bytes(p, s):
+                        raise ChunkCorrupt(f"shard file of {p!r} shard {s} is missing", p, s)
+                    have[(p, s)] = None  # no file written (every row is fill): not an error
                     continue
                 try:
                     body = _crc_strip(raw) if len(raw) == n else None

@@ -54,7 +54,7 @@ from cache_store.ledger import STORE_RECORD, Ledger, ShardRecord, StoreRecord, S
 from cache_store.quant import dequantize as _dequantize
 from cache_store.quant import dequantize_torch
 from cache_store.writer import fingerprint_mismatch_message, get_meta
-from cache_store.zarr_io import corrupt_arrays, ensure_arrays, read_rows, shard_checksums
+from cache_store.zarr_io import corrupt_arrays, ensure_arrays, read_rows, shard_checksums, shard_file_key
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class StoreReader(StoreView):
         self.verify = bool(verify)
         self._lock = threading.Lock()
         self._verified: set[int] = set()
+        self._files_seen: set[tuple[str, int]] = set()
         self._arrays: dict[str, Any] | None = None
         self._fast: FastChunkReader | None = None
         self._shard_ids = np.zeros(0, np.int64)
@@ -114,7 +115,11 @@ class StoreReader(StoreView):
         """Re-list published shards; returns len(self)."""
         ids = self.ledger.published_shard_ids()
         recs = self.ledger.read_shards(ids)
-        ids = [i for i in ids if i in recs]
+        lost = [i for i in ids if i not in recs]
+        if lost:  # listed, then unreadable: never shrink the store silently
+            raise CorruptShard(
+                f"ledger records of shards {lost} of store {self.url} are listed but could not be read; check the "
+                "store (python -m cache_store verify URL) or rerun the cache build: finished shards are kept", lost)
         offsets = np.concatenate([[0], np.cumsum([recs[i].rows for i in ids], dtype=np.int64)]).astype(np.int64)
         with self._lock:
             self._shard_ids, self._offsets = np.asarray(ids, np.int64), offsets
@@ -138,7 +143,28 @@ class StoreReader(StoreView):
                 if self._fast_opts[0]:
                     self._fast = FastChunkReader.for_arrays(self.backend, self.spec, self._arrays,
                                                             decode_threads=self._fast_opts[1])
+                    if self._fast is not None:
+                        self._fast.expected_bytes = self._expected_bytes
             return self._arrays
+
+    def _expected_bytes(self, path: str, shard_id: int) -> int:
+        """Bytes the ledger record says array `path` of shard `shard_id` has on disk (0: no file was written)."""
+        rec = self.ledger.read_shard(shard_id)
+        if rec is None:
+            raise CorruptShard(f"shard {shard_id} of store {self.url} has no ledger record; rerun the cache build "
+                               "(finished shards are kept)", [shard_id])
+        return int(rec.arrays.get(path, {}).get("bytes", 0))
+
+    def _check_files(self, paths: list[str], shard_ids: np.ndarray) -> None:
+        """zarr reads a missing shard file as fill values (zeros): refuse instead, once per (array, shard)."""
+        for s in np.unique(shard_ids).tolist():
+            for p in paths:
+                if (p, s) in self._files_seen:
+                    continue
+                arr = next(a for a in self.spec.stored_arrays() if a.path == p)
+                if self._expected_bytes(p, s) and not self.backend.exists(shard_file_key(arr, s)):
+                    raise ChunkCorrupt(f"shard file of {p!r} shard {s} is missing", p, s)
+                self._files_seen.add((p, s))
 
     @property
     def is_complete(self) -> bool:
@@ -214,6 +240,7 @@ class StoreReader(StoreView):
             if self._fast is not None:
                 cols = self._fast.read(paths, sid, local)
             else:
+                self._check_files(paths, sid)
                 uniq, inv = np.unique(sid * self.shard_size + local, return_inverse=True)
                 cols = {p: a[inv] for p, a in read_rows(arrays, paths, uniq).items()}
         except Exception as e:  # crc mismatch, codec error, missing file: name the shard(s)
@@ -225,9 +252,10 @@ class StoreReader(StoreView):
                 except CorruptShard:
                     bad.append(s)
             if bad:
+                recs = " ".join(f"ledger/shard-{b:06d}.json" for b in bad)
                 raise CorruptShard(
-                    f"read failed ({type(e).__name__}: {e}); corrupt shards {bad} of store {self.url}: "
-                    "delete their ledger records and rerun the writer for them", bad,
+                    f"shards {bad} of store {self.url} are corrupt or incomplete ({e}); repair: delete {recs} and "
+                    "rerun the cache build with the same config (finished shards are kept)", bad,
                 ) from e
             raise
         out: dict[str, torch.Tensor] = {}
