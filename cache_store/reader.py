@@ -254,7 +254,7 @@ class StoreReader(StoreView):
             if bad:
                 recs = " ".join(f"ledger/shard-{b:06d}.json" for b in bad)
                 raise CorruptShard(
-                    f"shards {bad} of store {self.url} are corrupt or incomplete ({e}); repair: delete {recs} and "
+                    f"corrupt shards {bad} of store {self.url} (corrupt or incomplete: {e}); repair: delete {recs} and "
                     "rerun the cache build with the same config (finished shards are kept)", bad,
                 ) from e
             raise
