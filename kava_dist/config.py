@@ -140,6 +140,13 @@ class DataConfig:
     """Drop examples whose teacher sequence (BOS+question+CoT+prompt+answer+EOS) is longer (CODI: 200 AUG / 256 NL)."""
     numeric_answer: bool = True
     """Require a numeric answer (GSM8k-style); rows with other answers are counted and skipped."""
+    answer_field: str = "answer"
+    """Row field that holds the answer the models learn and are scored on (e.g. answer_icot: the product's digits
+    least-significant first, as the iCoT multiplication sets give it)."""
+    answer_match: str = "numeric"
+    """How a generated answer is scored: numeric (CODI: the last number after the answer prompt, compared as a
+    float) | exact (the text after the answer prompt equals the answer, whitespace runs collapsed; for digit
+    strings such as answer_icot, where the last number would be one digit)."""
     limit: int = 0
     """Use only the first N rows of the training file (0 = all)."""
 
@@ -298,6 +305,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "loss.codi_loss": ("smooth_l1", "mse", "l1"),
     "loss.codi_std": ("layer", "global", "none"),
     "data.cot_style": ("auto", "equation", "nl", "plus", "lines"),
+    "data.answer_match": ("numeric", "exact"),
     "store.dtype": ("bf16", "fp16", "fp32", "int8", "int4"),
     "store.codec": ("blosc-zstd", "zstd", "none"),
     "train.stage": ("teacher", "student", "online", "nocot"),
@@ -518,5 +526,7 @@ def validate(cfg: KavaConfig) -> None:
         raise ConfigError(f"model.fused_kernels={cfg.model.fused_kernels} cannot run under train.zero_stage=3 (its "
                           "parameter gathering hooks cannot run inside the fused layer). Set model.fused_kernels=auto "
                           "or hf, or use train.zero_stage=2.")
+    if not cfg.data.answer_field.strip():
+        raise ConfigError("data.answer_field is empty. Name the row field that holds the answer (default answer).")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules is empty. List modules (e.g. [q_proj, k_proj, v_proj, o_proj]) or set lora.enabled=false.")

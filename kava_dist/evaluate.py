@@ -18,8 +18,9 @@ Forward passes count every model call a question needed (spec 11.9): latent = pr
 one forced-prompt pass + one pass per further token; cot/nocot = prefill + one pass per further token. The
 prefill is reported separately (`prefill_passes`). A batch runs as long as its slowest row; each row counts
 only the passes it needed (rows that are done stop counting). `generated_tokens` excludes EOS.
-Answer extraction is CODI's (remove commas, the LAST number matching `-?\\d+\\.?\\d*`, compared as float),
-applied to the text after the last "The answer is:" when the output contains one.
+Answer extraction (`data.answer_match`) is CODI's by default (remove commas, the LAST number matching
+`-?\\d+\\.?\\d*`, compared as float), or exact string equality (`exact`, for digit-string answers), applied to
+the text after the last "The answer is:" when the output contains one.
 """
 from __future__ import annotations
 
@@ -80,6 +81,27 @@ def is_correct(pred: float | None, gold: str | float) -> bool:
     except ValueError:
         return False
     return math.isclose(pred, gold_f, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def exact_answer(text: str, prompt: str | None = "The answer is:") -> str | None:
+    """The text after the last answer prompt (all of it when there is none), whitespace runs collapsed;
+    None when nothing is left. For `data.answer_match=exact` (digit strings such as `8 5 6 8 7 2 1 2`)."""
+    if prompt and prompt in text:
+        text = text.rsplit(prompt, 1)[1]
+    out = " ".join(text.replace(",", "").split())
+    return out or None
+
+
+def score(text: str, gold: str, prompt: str | None, match: str = "numeric") -> tuple[Any, bool]:
+    """(prediction, correct) of a generated text under `data.answer_match`: numeric (CODI's last number, as a
+    float) or exact (string equality after `exact_answer`)."""
+    if match == "exact":
+        pred = exact_answer(text, prompt)
+        return pred, pred is not None and pred == " ".join(str(gold).replace(",", "").split())
+    if match != "numeric":
+        raise ValueError(f"unknown answer match {match!r}; use numeric or exact (data.answer_match).")
+    pred = extract_answer(text, prompt)
+    return pred, is_correct(pred, gold)
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -258,9 +280,13 @@ def evaluate_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, pat
     limit = cfg.eval.limit if limit is None else limit
     if max_new_tokens is None:
         max_new_tokens = cfg.eval.cot_max_new_tokens if mode == "cot" else cfg.eval.max_new_tokens
-    examples, report = load_examples(path, cot_style=cfg.data.cot_style, numeric_answer=True, limit=limit)
+    d = cfg.data
+    numeric = d.answer_match == "numeric"
+    examples, report = load_examples(path, cot_style=d.cot_style, numeric_answer=numeric, limit=limit,
+                                     answer_field=d.answer_field)
     if not examples:
-        raise ValueError(f"{path}: no usable rows ({report.summary()}). Evaluation needs a numeric `answer`.")
+        raise ValueError(f"{path}: no usable rows ({report.summary()}). Evaluation needs a "
+                         f"{'numeric ' if numeric else ''}`{d.answer_field}` (data.answer_field) in every row.")
     enc, _ = encode_examples(examples, tokenizer, answer_prompt=cfg.data.answer_prompt,
                              drop_last_step=cfg.data.drop_last_step, max_tokens=0)
     dev = _device_of(model)
@@ -281,9 +307,9 @@ def evaluate_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, pat
         for i, toks, p in zip(idx, tokens, passes):
             ex = examples[i]
             text = tokenizer.decode(toks, skip_special_tokens=True)
-            pred = extract_answer(text, cfg.data.answer_prompt)
+            pred, correct = score(text, ex.answer, d.answer_prompt, d.answer_match)
             records[i] = {"id": ex.id, "question": ex.question, "gold": ex.answer, "output": text,
-                          "pred": pred, "correct": is_correct(pred, ex.answer), "forward_passes": p["total"],
+                          "pred": pred, "correct": correct, "forward_passes": p["total"],
                           "prefill_passes": p["prefill"], "latent_passes": p["latent"],
                           "prompt_passes": p["prompt"], "decode_passes": p["decode"],
                           "generated_tokens": len(toks), "latency_s": latency,

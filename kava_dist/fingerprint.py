@@ -82,6 +82,8 @@ def cache_fingerprint_fields(cfg: KavaConfig) -> dict[str, object]:
         "data.max_tokens": d.max_tokens,
         "data.numeric_answer": d.numeric_answer,
         "data.limit": d.limit,
+        # only when set, so stores built before the field existed keep their fingerprint
+        **({"data.answer_field": d.answer_field} if d.answer_field != "answer" else {}),
         "latent.num_latents": cfg.latent.num_latents,
         "eviction.method": e.method,
         "eviction.lam": e.lam,

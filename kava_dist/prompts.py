@@ -144,16 +144,22 @@ def normalize_answer(answer: Any) -> str:
 
 
 def load_examples(path: str | Path, cot_style: str = "auto", numeric_answer: bool = True,
-                  limit: int = 0) -> tuple[list[Example], DataReport]:
-    """Load rows as `Example`s, skipping (and counting) malformed ones."""
+                  limit: int = 0, answer_field: str = "answer") -> tuple[list[Example], DataReport]:
+    """Load rows as `Example`s, skipping (and counting) malformed ones. The answer is read from
+    `answer_field` (e.g. answer_icot); a file without that field is an error that lists the fields it has."""
     rows = read_rows(path)
     report = DataReport(source=str(path))
     examples = []
     n = len(rows) if not limit else min(limit, len(rows))
+    if answer_field != "answer" and n:
+        names = list(getattr(rows, "column_names", None) or rows[0].keys())
+        if answer_field not in names:
+            raise ValueError(f"{path} has no field {answer_field!r} (data.answer_field); its rows have "
+                             f"{', '.join(names)}. Set data.answer_field to one of them.")
     for i in range(n):
         row = rows[i]
         report.rows += 1
-        question, answer = row.get("question"), row.get("answer")
+        question, answer = row.get("question"), row.get(answer_field)
         if not isinstance(question, str) or not question.strip():
             report.skip("empty or missing question", i)
             continue
@@ -295,7 +301,8 @@ def load_training_set(data, tokenizer) -> tuple[list[Encoded], DataReport]:
     """`data.train_path` loaded and encoded with every `DataConfig` setting (style, answer prompt, last-step drop,
     length limit, row limit): the one definition of "the training examples" that the trainer, the cache build
     and its benchmark share, so a store's rows and a run's examples cannot drift apart."""
-    examples, report = load_examples(data.train_path, data.cot_style, data.numeric_answer, data.limit)
+    examples, report = load_examples(data.train_path, data.cot_style, data.numeric_answer, data.limit,
+                                     data.answer_field)
     return encode_examples(examples, tokenizer, data.answer_prompt, data.drop_last_step, data.max_tokens, report)
 
 

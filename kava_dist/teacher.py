@@ -129,6 +129,7 @@ def teacher_forward(model, batch: Batch, rope: str = "post", with_ce: bool = Fal
     hidden_col = Q + C + batch.prompt_len - 1 if with_hidden else None
     cfg = lm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_kv = cfg.num_key_value_heads   # explicit: a batch of empty CoTs (C = 0) has nothing to infer -1 from
     if not capture:
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
         ce = teacher_ce(lm, out.last_hidden_state, ids, mask, Q) if with_ce else None
@@ -141,8 +142,8 @@ def teacher_forward(model, batch: Batch, rope: str = "post", with_ce: bool = Fal
         cos, sin = st["cos"][i], st["sin"][i]
         B = ids.shape[0]
         q_BHAD = st["q"][i].view(B, A, -1, head_dim).transpose(1, 2)
-        k_BHND = st["k"][i].view(B, C, -1, head_dim).transpose(1, 2)
-        v_BHND = st["v"][i].view(B, C, -1, head_dim).transpose(1, 2)
+        k_BHND = st["k"][i].reshape(B, C, n_kv, head_dim).transpose(1, 2)
+        v_BHND = st["v"][i].reshape(B, C, n_kv, head_dim).transpose(1, 2)
         q_out.append(_rope(q_BHAD, cos[:, ans_cols], sin[:, ans_cols]))
         kp = _rope(k_BHND, cos[:, cot_cols], sin[:, cot_cols])
         k_post.append(kp)

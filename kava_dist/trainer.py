@@ -149,7 +149,8 @@ class Trainer:
             log.warning("train.eval_every=%d but data.valid_path is empty: no validation loss is logged.",
                         self.cfg.train.eval_every)
             return []
-        examples, _ = load_examples(d.valid_path, d.cot_style, d.numeric_answer, self.cfg.eval.limit or 256)
+        examples, _ = load_examples(d.valid_path, d.cot_style, d.numeric_answer, self.cfg.eval.limit or 256,
+                                    d.answer_field)
         enc, _ = encode_examples(examples, self.tokenizer, d.answer_prompt, d.drop_last_step, d.max_tokens)
         mb, world = self.cfg.train.micro_batch, self.dist.world_size
         chunks = [enc[i:i + mb] for i in range(0, len(enc), mb)]

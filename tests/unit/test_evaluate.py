@@ -277,3 +277,35 @@ def test_method_labels_name_the_baselines() -> None:
     assert label("train.stage=student", "loss.alpha_kv=0") == "CODI-style"
     assert label("train.stage=student", "loss.alpha_codi=0") == "PCCoT-style"
     assert label("train.stage=nocot", "loss.alpha_kv=0") == "No-CoT"
+
+
+def test_exact_match_scores_digit_strings_that_the_numeric_regex_gets_wrong():
+    from kava_dist.evaluate import score
+
+    gold = "8 5 6 8 7 2 1 2"                                # answer_icot: the last number would be "2"
+    assert score("8 5 6 8 7 2 1 2", gold, "The answer is:", "exact") == (gold, True)
+    assert score("1 2 The answer is: 8 5 6 8  7 2 1 2 ", gold, "The answer is:", "exact")[1]
+    assert not score("8 5 6 8 7 2 1 3", gold, "The answer is:", "exact")[1]
+    assert not score("9 9 2", gold, "The answer is:", "exact")[1]        # numeric match: last number 2 == 2
+    assert score("9 9 2", "2", "The answer is:", "numeric")[1]
+    assert score("", gold, "The answer is:", "exact") == (None, False)
+
+
+def test_answer_field_reads_the_named_field(tmp_path):
+    import gzip
+    import json
+
+    import pytest
+
+    from kava_dist.prompts import load_examples
+
+    p = tmp_path / "m.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        f.write(json.dumps({"question": "1 2 * 3 4", "cot": "4 8 + 0 3 6", "answer": "408",
+                            "answer_icot": "8 0 4"}) + "\n")
+    ex, rep = load_examples(p, numeric_answer=False, answer_field="answer_icot")
+    assert [e.answer for e in ex] == ["8 0 4"] and rep.kept == 1
+    ex, rep = load_examples(p, numeric_answer=True, answer_field="answer_icot")
+    assert ex == [] and rep.skipped["non-numeric answer"] == 1
+    with pytest.raises(ValueError, match="answer_icot.*data.answer_field|data.answer_field"):
+        load_examples(p, answer_field="answer_rev")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from kava_testing import build, make_batch
+from kava_testing import QUESTIONS, build, make_batch
+from kava_dist.backbone import parts
 from kava_dist.losses import codi_loss, kv_loss
 from kava_dist.step import compute_targets, kava_terms, offline_step, online_step, teacher_step
 from kava_dist.student import student_forward
@@ -152,3 +153,20 @@ def test_tiny_model_overfits_16_examples(tmp_path):
     assert last < 0.1 * first, (first, last)
     teacher_only = teacher_step(model, batch)["loss"].item()
     assert teacher_only < 0.5
+
+
+def test_batch_with_only_empty_cots_trains_with_ce_and_codi(tiny_paths, family):
+    """One-step problems lose their only CoT step (data.drop_last_step): a batch whose CoT segments are all
+    empty trains on its CE and CODI terms with no KV slot, online and from targets (cache build)."""
+    cfg, model, tok, special = build(tiny_paths, family)
+    rows = [(q, c.split()[0], a) for q, c, a in QUESTIONS[:3]]          # one step each, dropped -> empty CoT
+    batch, enc = make_batch(tok, special, rows=rows)
+    assert batch.cot_ids.shape[1] == 0 and all(not e.cot_ids for e in enc)
+    model.train()
+    terms = online_step(model, batch, special, cfg)
+    assert torch.isfinite(terms["loss"]) and terms["kv"].item() == 0.0 and terms["codi"].item() > 0.0
+    terms["loss"].backward()
+    with torch.no_grad():
+        t = compute_targets(teacher_forward(model, batch), cfg.eviction, cfg.latent.num_latents)
+    assert not t.valid_BLHM.any() and (t.k_BLHMD == 0).all() and (t.index_BLHM == -1).all()
+    assert t.k_BLHMD.shape[:2] == (3, len(parts(model)[1].layers))
