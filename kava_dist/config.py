@@ -149,6 +149,10 @@ class DataConfig:
     strings such as answer_icot, where the last number would be one digit)."""
     limit: int = 0
     """Use only the first N rows of the training file (0 = all)."""
+    max_bad_fraction: float = 0.05
+    """Refuse a data file when more than this fraction of its lines are malformed (bad JSON, wrong types); fewer are
+    counted, quarantined with file and line in the data report, and skipped. A file with no usable row is always
+    refused."""
 
 
 @dataclass
@@ -168,6 +172,10 @@ class StoreConfig:
     (1.30x vs 1.37x), which keeps the store write up with an H100 teacher (BENCHMARKS.md); higher saves little."""
     verify: bool = False
     """Check each shard's checksum on first read during training."""
+    allow_partial: bool = False
+    """Train on an incomplete store (shards still missing): only the examples it holds, logged and recorded in the
+    run's config. Default false: training refuses such a store, naming the missing shards. Not in the fingerprint
+    (it selects rows of the same targets, it does not change them)."""
 
 
 @dataclass
@@ -214,7 +222,12 @@ class TrainConfig:
     max_steps: int = 0
     """Optimizer steps to run (0 = derived from epochs)."""
     warmup_ratio: float = 0.03
-    """Linear warmup as a fraction of the steps, then cosine decay to 0."""
+    """Linear warmup as a fraction of the steps, then train.lr_schedule."""
+    lr_schedule: str = "cosine"
+    """After the warmup: cosine (decay to 0 at the last step) | constant (the peak lr to the end)."""
+    time_limit_min: float = 0.0
+    """Stop at the first optimizer step past this many minutes of training, then checkpoint and export as at the
+    end of the run (0 = no limit). metrics.jsonl and the exported kava.json record the step and examples seen."""
     global_batch: int = 128
     """Examples per optimizer step over all ranks; accumulation = global / (micro * world), must divide."""
     micro_batch: int = 8
@@ -242,7 +255,8 @@ class TrainConfig:
     log_every: int = 1
     """Log metrics every N optimizer steps."""
     eval_every: int = 0
-    """Evaluate on data.valid_path every N steps (0 = never during training)."""
+    """Evaluate on data.valid_path every N steps (0 = never during training): the loss terms and, with
+    eval.valid_questions > 0, exact accuracy by greedy decoding in the stage's mode (learning curves)."""
     resume: bool = False
     """Continue from the latest checkpoint in out_dir."""
     stop_at_step: int = 0
@@ -263,6 +277,8 @@ class EvalConfig:
     """Tokens the Full-CoT teacher may generate."""
     limit: int = 0
     """Evaluate the first N questions of each set (0 = all)."""
+    valid_questions: int = 0
+    """Questions of data.valid_path decoded every train.eval_every steps for the accuracy curve (0 = loss only)."""
 
 
 @dataclass
@@ -309,6 +325,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "store.dtype": ("bf16", "fp16", "fp32", "int8", "int4"),
     "store.codec": ("blosc-zstd", "zstd", "none"),
     "train.stage": ("teacher", "student", "online", "nocot"),
+    "train.lr_schedule": ("cosine", "constant"),
     "train.zero_stage": (0, 1, 2, 3),
     "train.precision": ("auto", "bf16", "fp32"),
 }
@@ -472,11 +489,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: KavaConfig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config with credentials redacted (kava_dist.guard.redact); temp file + rename."""
+    from kava_dist.guard import redact, write_text
+
+    write_text(path, yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
 
 
 def get_field(cfg: Any, dotted: str) -> Any:
@@ -502,7 +518,7 @@ def validate(cfg: KavaConfig) -> None:
     nonneg = ["build.writers_per_actor", "build.writes_in_flight", "build.writer_threads", "build.cpus_per_writer", "loss.student_ce", "loss.teacher_ce", "loss.offline_teacher_ce", "loss.alpha_codi", "loss.alpha_kv", "train.lr",
               "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit",
               "train.stop_at_step", "train.keep_checkpoints", "train.save_every", "train.eval_every",
-              "train.group_by_length"]
+              "train.group_by_length", "train.time_limit_min", "eval.valid_questions"]
     for name in nonneg:
         if get_field(cfg, name) < 0:
             raise ConfigError(f"{name}={get_field(cfg, name)} must be >= 0.")
@@ -528,5 +544,7 @@ def validate(cfg: KavaConfig) -> None:
                           "or hf, or use train.zero_stage=2.")
     if not cfg.data.answer_field.strip():
         raise ConfigError("data.answer_field is empty. Name the row field that holds the answer (default answer).")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1].")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules is empty. List modules (e.g. [q_proj, k_proj, v_proj, o_proj]) or set lora.enabled=false.")

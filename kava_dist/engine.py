@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from kava_dist.config import KavaConfig, TrainConfig, load_config, save_config, to_dict
+from kava_dist.guard import confine, disk_full, redact
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +165,17 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device) -> 
     return cfg
 
 
-def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float):
+def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float, schedule: str = "cosine"):
     """LR factor for optimizer step k (0-based): (k+1)/W for k < W = round(warmup_ratio * total), then
-    0.5 * (1 + cos(pi * (k - W) / (total - W))): peak at k = W, 0 after the last step."""
+    0.5 * (1 + cos(pi * (k - W) / (total - W))): peak at k = W, 0 after the last step. `schedule="constant"`
+    holds the peak after the warmup (runs cut by train.time_limit_min, or compared at any point of the curve)."""
     warm = int(round(warmup_ratio * total_steps))
 
     def factor(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
         progress = (step - warm) / max(1, total_steps - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -248,7 +252,7 @@ def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist):
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
-    sched = cosine_with_warmup(opt, total_steps, tc.warmup_ratio)
+    sched = cosine_with_warmup(opt, total_steps, tc.warmup_ratio, tc.lr_schedule)
     ds_cfg = deepspeed_config(tc, dist.world_size, dist.device)
     if tc.zero_stage == 3:
         _register_zero3_external(model)
@@ -377,14 +381,22 @@ def save_checkpoint(engine, run_dir: Path, step: int, cfg: KavaConfig, extra: di
     ckpt = Path(run_dir) / "checkpoints"
     tag = f"global_step{step}"
     rank = engine.global_rank
-    (ckpt / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), ckpt / tag / f"rng_rank{rank}.pt")
-    if rank == 0:
-        save_config(cfg, ckpt / tag / "config.yaml")
     world = tdist.get_world_size() if tdist.is_initialized() else 1
-    client = {"step": step, "world_size": world, "rng": rng_state(), "config": to_dict(cfg), "versions": versions(),
-              **extra}
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, exclude_frozen_parameters=True)
+    client = {"step": step, "world_size": world, "rng": rng_state(), "config": redact(to_dict(cfg)),
+              "versions": versions(), **extra}
+    try:
+        (ckpt / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), ckpt / tag / f"rng_rank{rank}.pt")
+        if rank == 0:
+            save_config(cfg, ckpt / tag / "config.yaml")
+        engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as e:   # torch.save on a full disk: "basic_ios::clear: iostream error"
+        full = disk_full(e, ckpt / tag)
+        if full is None:
+            raise
+        if rank == 0:
+            shutil.rmtree(ckpt / tag, ignore_errors=True)   # `latest` still names the previous, whole checkpoint
+        raise full from e
     if keep > 0 and rank == 0:
         for old in _ckpt_steps(ckpt)[:-keep]:
             shutil.rmtree(ckpt / f"global_step{old}", ignore_errors=True)
@@ -402,6 +414,7 @@ def load_checkpoint(engine, run_dir: Path, cfg: KavaConfig, tag: str | None = No
             raise FileNotFoundError(f"train.resume=true but {ckpt} holds no checkpoint (no 'latest'). "
                                     "Drop train.resume / --resume, or point train.out_dir at the run to continue.")
         tag = (ckpt / "latest").read_text().strip()
+    confine(ckpt, tag, "checkpoint tag")    # a tag is a name under checkpoints/, never a path out of it
     if not (ckpt / tag / "config.yaml").exists():
         have = ", ".join(f"global_step{s}" for s in _ckpt_steps(ckpt)) or "none"
         raise FileNotFoundError(f"checkpoint {ckpt / tag} is missing or incomplete (no config.yaml); "

@@ -137,7 +137,7 @@ def resolve_dataset(spec: str, data_dir: str | Path = "data") -> tuple[str, Path
         return dataset_name(p), p
     cand = Path(data_dir) / f"{spec}.test.jsonl.gz"
     if cand.exists():
-        return spec, cand
+        return dataset_name(cand), cand     # the file's own name: a spec such as ../x never becomes a path part
     raise FileNotFoundError(
         f"dataset {spec!r}: neither a file nor {cand}. Pass --data-dir DIR holding {{name}}.test.jsonl.gz "
         f"(e.g. the shared data dir), or the file's path.")
@@ -220,6 +220,24 @@ def decode_batch(model, enc: Sequence[Encoded], special: SpecialIds, mode: str, 
     tokens, counts = greedy_decode(model, ids.to(dev), mask.to(dev), special.eos, max_new_tokens)
     passes = [{"prefill": 1, "latent": 0, "prompt": 0, "decode": n - 1, "total": n} for n in counts]
     return tokens, passes
+
+
+@torch.no_grad()
+def correct_flags(model, tokenizer, special: SpecialIds, cfg: KavaConfig, examples: Sequence, enc: Sequence[Encoded],
+                  mode: str, batch_size: int, max_new_tokens: int | None = None) -> list[bool]:
+    """Greedy-decode `enc` (questions of `examples`, same order) in `mode` and score each answer under
+    `data.answer_match`: the accuracy curve the trainer logs every `train.eval_every` steps."""
+    if max_new_tokens is None:
+        max_new_tokens = cfg.eval.cot_max_new_tokens if mode == "cot" else cfg.eval.max_new_tokens
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i].question_ids))
+    flags = [False] * len(enc)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        tokens, _ = decode_batch(model, [enc[i] for i in idx], special, mode, cfg.latent, max_new_tokens)
+        for i, toks in zip(idx, tokens):
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+            flags[i] = score(text, examples[i].answer, cfg.data.answer_prompt, cfg.data.answer_match)[1]
+    return flags
 
 
 # ----------------------------------------------------------------------------- one dataset
@@ -334,7 +352,7 @@ def evaluate_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, pat
 def write_result(result: dict, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{result['summary']['dataset']}.json"
+    path = confine(out_dir, f"{result['summary']['dataset']}.json", "dataset name")
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)

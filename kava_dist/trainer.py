@@ -38,9 +38,11 @@ import torch.distributed as tdist
 from kava_dist import engine as E
 from kava_dist.backbone import add_lora, load_adapter, load_backbone
 from kava_dist.config import KavaConfig, save_config
+from kava_dist.example_map import ExampleMap
+from kava_dist.guard import Refusal
 from kava_dist.fused import apply_fused
 from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for
-from kava_dist.prompts import collate, encode_examples, load_examples, load_training_set
+from kava_dist.prompts import check_data_file, collate, encode_examples, load_examples, load_training_set
 from kava_dist.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,16 @@ def open_store_checked(cfg: KavaConfig):
             "was built with, or build a new store for these.")
     if len(reader) == 0:
         raise ValueError(f"store {cfg.store.path} has no published shards yet; wait for the build or rerun it.")
+    if not reader.is_complete:
+        missing = sorted(set(range(reader.num_shards)) - set(reader.published_shards()))
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        if not cfg.store.allow_partial:
+            raise Refusal(
+                f"store {cfg.store.path} is incomplete: {len(missing)} of {reader.num_shards} shards missing "
+                f"({shown}). Finish it: rerun the cache build with this config (python -m jobs.build_cache --config "
+                f"...; finished shards are kept), or set store.allow_partial=true to train on its {len(reader)} rows.")
+        log.warning("store.allow_partial=true: training on the %d rows of incomplete store %s (%d of %d shards "
+                    "missing: %s)", len(reader), cfg.store.path, len(missing), reader.num_shards, shown)
     return reader
 
 
@@ -88,6 +100,7 @@ class Trainer:
         if not tc.resume and ckpt_latest.exists():
             raise FileExistsError(f"{self.rd.root} already holds a run (checkpoint {ckpt_latest.read_text().strip()}). "
                                   "Pass --resume to continue it, or choose a new train.out_dir.")
+        check_data_file(cfg.data.train_path)                                       # fail fast, before the model
         self.reader = open_store_checked(cfg) if tc.stage == "student" else None    # fail fast, before the model
         if dist.is_main:
             self.rd.root.mkdir(parents=True, exist_ok=True)
@@ -110,7 +123,9 @@ class Trainer:
                 log.info("store %s (fingerprint %s): %s", cfg.store.path, self.reader.fingerprint, info)
             self.plan = plan_for(tc, items, dist.world_size)
             self.loader = StoreLoader(self.reader, items, rows, self.plan, dist.rank, self.special.pad)
+            self.example_map = ExampleMap.of([e.id for e in items], rows)
         else:
+            self.example_map = ExampleMap.of([e.id for e in encoded])
             self.plan = plan_for(tc, encoded, dist.world_size)
             self.loader = TokenLoader(encoded, self.plan, dist.rank, self.special.pad)
         if dist.is_main:
@@ -121,6 +136,8 @@ class Trainer:
         accum = E.accumulation(tc, dist.world_size)
         assert accum == self.plan.accum and tc.micro_batch * accum * dist.world_size == tc.global_batch
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * self.plan.steps_per_epoch))
+        if tc.resume:   # before the engine: a run whose examples changed is refused cheaply
+            self.example_map.check_resume(self.rd.root)
         self.module = E.StageModule(model, tc.stage, self.special, cfg)
         self.engine = E.build_engine(self.module, tc, self.total_steps, dist)
         self.start_step = 0
@@ -129,6 +146,7 @@ class Trainer:
             log.info("resumed %s at step %d of %d", self.rd.root, self.start_step, self.total_steps)
         if dist.is_main:   # only now: a refused resume must not overwrite the run's config
             save_config(cfg, self.rd.config)
+        self.valid_acc = None
         self.valid = self._valid_batches() if tc.eval_every else []
         self.tb = None
         if dist.is_main:
@@ -149,9 +167,18 @@ class Trainer:
             log.warning("train.eval_every=%d but data.valid_path is empty: no validation loss is logged.",
                         self.cfg.train.eval_every)
             return []
-        examples, _ = load_examples(d.valid_path, d.cot_style, d.numeric_answer, self.cfg.eval.limit or 256,
-                                    d.answer_field)
+        n_acc = self.cfg.eval.valid_questions
+        examples, _ = load_examples(d.valid_path, d.cot_style, d.numeric_answer,
+                                    max(self.cfg.eval.limit or 256, n_acc), d.answer_field)
         enc, _ = encode_examples(examples, self.tokenizer, d.answer_prompt, d.drop_last_step, d.max_tokens)
+        if n_acc:   # decoded for the accuracy curve: this rank's share of the first n_acc questions
+            if self.cfg.train.zero_stage == 3:
+                raise ValueError("eval.valid_questions decodes with the full weights on every rank, which ZeRO-3 "
+                                 "partitions: set eval.valid_questions=0 or train.zero_stage=2.")
+            by_id = {e.id: e for e in examples}
+            share = enc[:n_acc][self.dist.rank::self.dist.world_size]
+            self.valid_acc = ([by_id[e.id] for e in share], share)
+        enc = enc[:self.cfg.eval.limit or 256]
         mb, world = self.cfg.train.micro_batch, self.dist.world_size
         chunks = [enc[i:i + mb] for i in range(0, len(enc), mb)]
         mine = [(collate(c, self.special.pad), 1.0) for c in chunks[self.dist.rank::world]]
@@ -170,19 +197,29 @@ class Trainer:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(batch) * w
             sums["_n"] = sums.get("_n", 0.0) + len(batch) * w
+        if self.valid_acc is not None:
+            from kava_dist.evaluate import MODES, correct_flags
+
+            exs, enc = self.valid_acc
+            flags = correct_flags(E.unwrap(self.engine), self.tokenizer, self.special, self.cfg, exs, enc,
+                                  MODES[self.cfg.train.stage], self.cfg.eval.batch_size) if enc else []
+            sums["accuracy"], sums["_acc_n"] = float(sum(flags)), float(len(flags))
         self.engine.train()
+        acc = (sums.pop("accuracy", None), sums.pop("_acc_n", None))
         keys = sorted(k for k in sums if k != "_n")
         if tdist.is_initialized() and self.dist.world_size > 1:
             # every rank needs the same key list: the first rank's terms decide (all run the same stage)
             obj = [keys]
             tdist.broadcast_object_list(obj, src=0)
             keys = obj[0]
-        vals = torch.tensor([sums.get(k, 0.0) for k in keys] + [sums.get("_n", 0.0)], dtype=torch.float64,
-                            device=self.dist.device)
+        vals = torch.tensor([sums.get(k, 0.0) for k in keys] + [acc[0] or 0.0, acc[1] or 0.0, sums.get("_n", 0.0)],
+                            dtype=torch.float64, device=self.dist.device)
         if tdist.is_initialized() and self.dist.world_size > 1:
             tdist.all_reduce(vals)
         n = max(1.0, float(vals[-1]))
-        rec = {f"valid/{k}": float(v) / n for k, v in zip(keys, vals[:-1])}
+        rec = {f"valid/{k}": float(v) / n for k, v in zip(keys, vals[:-3])}
+        if acc[1] is not None:
+            rec["valid/accuracy"], rec["valid/questions"] = float(vals[-3]) / max(1.0, float(vals[-2])), int(vals[-2])
         if self.dist.is_main and rec:
             log.info("step %d validation: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in rec.items()))
         return rec
@@ -210,7 +247,8 @@ class Trainer:
             tdist.all_reduce(vals)
             vals[:-1] /= self.dist.world_size
         vals = vals.tolist()
-        rec = {"step": step, "epoch": step / max(1, self.plan.steps_per_epoch), "lr": lr, "grad_norm": gn}
+        rec = {"step": step, "examples_seen": step * self.cfg.train.global_batch,
+               "epoch": step / max(1, self.plan.steps_per_epoch), "lr": lr, "grad_norm": gn}
         rec.update({k: float(v) for k, v in zip(keys, vals[:-1])})
         rec.update(samples_per_s=n_steps * self.cfg.train.global_batch / dt, tokens_per_s=vals[-1] / dt,
                    steps_per_s=n_steps / dt, time=time.time(), **extra)
@@ -239,6 +277,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         tokens, n_steps, t0 = 0, 0, time.perf_counter()
         lr, gn, saved = float("nan"), float("nan"), self.start_step
+        limit_s, t_start, final = 60.0 * tc.time_limit_min, time.perf_counter(), self.total_steps
         self.engine.train()
         for step, micro, batch, targets in self.loader.iterate(self.start_step, end):
             tokens += batch.num_tokens
@@ -258,8 +297,11 @@ class Trainer:
                 continue
             gn_step = gn if not math.isnan(gn) else self.engine.get_global_grad_norm()   # a device tensor: no sync
             done, n_steps = step + 1, n_steps + 1
-            evaluate = bool(tc.eval_every and self.valid and (done % tc.eval_every == 0 or done == self.total_steps))
-            if done % tc.log_every == 0 or done == end or evaluate:
+            time_up = bool(limit_s) and done < end and done % tc.log_every == 0 and self._agree(
+                time.perf_counter() - t_start > limit_s)
+            evaluate = bool(tc.eval_every and self.valid and (done % tc.eval_every == 0 or done == self.total_steps
+                                                              or time_up))
+            if done % tc.log_every == 0 or done == end or evaluate or time_up:
                 gn = float(gn_step) if gn_step is not None else float("nan")       # read only when logged
                 rec = self._log(done, sums, accum * n_steps, n_steps, tokens, time.perf_counter() - t0, lr, gn,
                                 self._validate(done) if evaluate else {})
@@ -283,7 +325,18 @@ class Trainer:
             if fault and done == fault:
                 log.warning("KAVA_FAULT_KILL_AT_STEP=%d: killing this process", fault)
                 os.kill(os.getpid(), signal.SIGKILL)
+            if time_up:
+                final = done
+                if self.dist.is_main:
+                    log.info("train.time_limit_min=%g reached at step %d of %d (%d examples seen): finishing the run "
+                             "here", tc.time_limit_min, done, self.total_steps, done * tc.global_batch)
+                break
         bar.close()
+        if final < self.total_steps:   # ended by train.time_limit_min: a finished run at step `final`
+            if saved != final:
+                self._save(final)
+            self._export(final)
+            return history
         if end < self.total_steps:
             if saved != end:
                 self._save(end)
@@ -292,16 +345,32 @@ class Trainer:
             return history
         if saved != self.total_steps or not (self.rd.checkpoints / f"global_step{self.total_steps}").exists():
             self._save(self.total_steps)
-        meta = {"stage": tc.stage, "step": self.total_steps, "base": self.cfg.model.name_or_path,
+        self._export(self.total_steps)
+        return history
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (ranks' clocks differ; all must stop at the same step)."""
+        if not (tdist.is_initialized() and self.dist.world_size > 1):
+            return flag
+        t = torch.tensor([float(flag)], device=self.dist.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _export(self, step: int) -> None:
+        tc = self.cfg.train
+        meta = {"stage": tc.stage, "step": step, "examples_seen": step * tc.global_batch,
+                "planned_steps": self.total_steps, "base": self.cfg.model.name_or_path,
                 "global_batch": tc.global_batch, "world_size": self.dist.world_size, "zero_stage": tc.zero_stage}
         E.export_trainable(self.engine, self.tokenizer, self.rd.adapter, meta, tc.zero_stage)
         if self.dist.is_main:
             log.info("done: adapter at %s", self.rd.adapter)
-        return history
 
     def _save(self, step: int) -> None:
         tc = self.cfg.train
-        E.save_checkpoint(self.engine, self.rd.root, step, self.cfg, {"stage": tc.stage}, keep=tc.keep_checkpoints)
+        if self.dist.is_main:   # the map goes in before DeepSpeed writes `latest`
+            self.example_map.save(self.rd.checkpoints / f"global_step{step}")
+        E.save_checkpoint(self.engine, self.rd.root, step, self.cfg,
+                          {"stage": tc.stage, "example_map": self.example_map.summary()}, keep=tc.keep_checkpoints)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -253,3 +253,42 @@ def test_non_finite_loss_stops_the_run_naming_the_fix(ws):
                     "train.lr=1e30", "train.warmup_ratio=0", "train.max_steps=4", "train.log_every=1",
                     f"train.out_dir={out}"], ws["root"] / "diverged.log", ok=False)
     assert rc != 0 and "is not finite" in text and "train.skip_nonfinite_steps=true" in text, text[-3000:]
+
+
+def test_full_finetune_through_every_stage_with_curves_and_time_limit(ws):
+    """lora.enabled=false: a teacher, then student (from the store), online and nocot runs that start from its
+    exported weights; each logs the validation accuracy curve (examples seen), and one is cut by
+    train.time_limit_min yet exports a run that load_run reloads."""
+    from kava_dist.run import load_run
+
+    data = next(a.split("=", 1)[1] for a in ws["common"] if a.startswith("data.train_path="))
+    full = ["lora.enabled=false", f"data.valid_path={data}", "train.eval_every=1", "eval.valid_questions=4",
+            "train.lr_schedule=constant"]
+    teacher = ws["root"] / "full_teacher"
+    run([PY, "-m", "jobs.train", *ws["common"], *full, "train.stage=teacher", "train.max_steps=2",
+         f"train.out_dir={teacher}"], ws["root"] / "full_teacher.log")
+    assert (teacher / "adapter" / "config.json").exists() and not (teacher / "adapter" / "adapter_config.json").exists()
+    init = f"model.student_init_adapter={teacher / 'adapter'}"
+    for stage, extra in (("student", [f"store.path={ws['store']}", "train.time_limit_min=1e-6", "train.max_steps=50"]),
+                         ("online", ["train.max_steps=2"]), ("nocot", ["train.max_steps=2"])):
+        out = ws["root"] / f"full_{stage}"
+        _, text = run([PY, "-m", "jobs.train", *ws["common"], *full, f"train.stage={stage}", init, *extra,
+                       f"train.out_dir={out}"], ws["root"] / f"full_{stage}.log")
+        m = metrics(out)
+        curve = [r for r in m if "valid/accuracy" in r]
+        assert curve and all(0.0 <= r["valid/accuracy"] <= 1.0 and r["valid/questions"] == 4 for r in curve)
+        assert [r["examples_seen"] for r in m] == [r["step"] * 8 for r in m]
+        meta = json.loads((out / "adapter" / "kava.json").read_text())
+        if stage == "student":   # the time limit ended it at the first step, as a finished run
+            assert "train.time_limit_min=1e-06 reached at step 1 of 50" in text
+            assert meta["step"] == 1 and meta["examples_seen"] == 8 and meta["planned_steps"] == 50
+        cfg, model, _, _ = load_run(out)
+        assert not cfg.lora.enabled and not hasattr(model, "peft_config")
+        trained = dict(model.named_parameters())
+        from safetensors.torch import load_file
+        saved = {}
+        for f in sorted((out / "adapter").glob("*.safetensors")):
+            saved.update(load_file(str(f)))
+        prj = [k for k in saved if k.startswith("kava_prj")]
+        assert prj and all(torch.equal(saved[k], trained[k].detach()) for k in prj)
+        assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
