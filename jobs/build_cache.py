@@ -58,23 +58,23 @@ def init_ray(cfg) -> dict:
     return ray.cluster_resources()
 
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
-
-
-def _mask(obj):
-    if isinstance(obj, dict):
-        return {k: ("***" if v and isinstance(k, str) and any(w in k.lower() for w in _SECRET_WORDS) else _mask(v))
-                for k, v in obj.items()}
-    return [_mask(v) for v in obj] if isinstance(obj, list) else obj
-
-
 def redacted(cfg_dict: dict) -> dict:
-    """The config dict with credential-like values of store.storage_options (key, secret, token...) masked: the
-    config is kept in the store's meta/, which every reader of the store sees."""
-    out = dict(cfg_dict)
-    out["store"] = dict(out.get("store") or {})
-    out["store"]["storage_options"] = _mask(out["store"].get("storage_options") or {})
-    return out
+    """The config dict with credentials masked (kava_dist.guard.redact): the config is kept in the store's meta/,
+    which every reader of the store sees."""
+    from kava_dist.guard import redact
+
+    return redact(cfg_dict)
+
+
+def put_meta_safe(writer, name: str, obj) -> bool:
+    """writer.put_meta, but a full disk (or another write error) is logged naming the path, not fatal: the
+    build's other reports are still written where space allows. Returns whether it was written."""
+    try:
+        writer.put_meta(name, obj)
+        return True
+    except OSError as e:
+        log.error("could not write meta/%s.json: %s", name, e)
+        return False
 
 
 def _fmt_bytes(n: float) -> str:
@@ -134,18 +134,23 @@ def main(argv=None) -> int:
     from kava_dist.prompts import add_special_tokens, load_training_set
     from kava_dist.targets import TeacherTargets, plan_actors, plan_shards, store_spec
 
-    cfg = load_config(args.config, args.overrides)
-    if not cfg.store.path:
-        log.error("store.path is empty: say where the store goes (a local dir or s3://bucket/prefix).")
-        return EXIT_USAGE
-    tok = load_tokenizer(cfg.model)
-    add_special_tokens(tok)
-    encoded, report = load_training_set(cfg.data, tok)
+    from jobs._cli import REFUSED, refuse
+    from kava_dist.prompts import check_data_file
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.store.path:
+            return refuse("store.path is empty: say where the store goes (a local dir or s3://bucket/prefix).")
+        check_data_file(cfg.data.train_path)
+        tok = load_tokenizer(cfg.model)
+        add_special_tokens(tok)
+        encoded, report = load_training_set(cfg.data, tok)
+    except REFUSED as e:
+        return refuse(e)
     log.info("data: %s", report.summary())
     if not encoded:
-        log.error("no example left after the data check (%s); check data.train_path / data.max_tokens",
-                  report.summary())
-        return EXIT_USAGE
+        return refuse(f"no example left after the data check ({report.summary()}); check data.train_path / "
+                      "data.max_tokens")
     digest, fields = cache_fingerprint(cfg)
     spec = store_spec(cfg)
     shards = plan_shards(encoded, spec.shard_size)
@@ -154,11 +159,10 @@ def main(argv=None) -> int:
                       num_shards=len(shards), storage_options=so)
     try:
         writer = StoreWriter.create_or_open(**store_args)
-    except (FingerprintMismatch, SpecMismatch) as e:
-        log.error("%s", e)
-        return EXIT_USAGE
-    writer.put_meta("data_report", report.to_dict())
-    writer.put_meta("config", redacted(to_dict(cfg)))
+    except (FingerprintMismatch, SpecMismatch, OSError) as e:
+        return refuse(e)
+    meta_ok = put_meta_safe(writer, "data_report", report.to_dict())
+    meta_ok &= put_meta_safe(writer, "config", redacted(to_dict(cfg)))
     done = writer.done_shards()
     if len(done) == len(shards):
         log.info("store %s is already complete (%d shards); nothing to compute", cfg.store.path, len(shards))
@@ -168,8 +172,7 @@ def main(argv=None) -> int:
         try:
             n_actors, per = plan_actors(resources, cfg.build)
         except ValueError as e:
-            log.error("%s", e)
-            return EXIT_USAGE
+            return refuse(e)
         writers = cfg.build.writers_per_actor or (6 if per > 0 else 1)
         log.info("store %s: %d examples in %d shards of %d (%d already done); %d teacher actor(s), %g GPU and %g CPU "
                  "each, %d write actors each; fingerprint %s", cfg.store.path, len(encoded), len(shards),
@@ -181,21 +184,22 @@ def main(argv=None) -> int:
         try:
             result = build_store(store_args, shards, functools.partial(TeacherTargets, to_dict(cfg)), settings)
         except BuildError as e:
-            log.error("%s", e)
-            return EXIT_USAGE
+            return refuse(e)
     quarantined = collect_quarantine(writer)
-    writer.put_meta("quarantine", quarantined)
+    meta_ok &= put_meta_safe(writer, "quarantine", quarantined)
     stats = StoreReader(cfg.store.path, storage_options=so).stats()
     text = summary_text(result, stats, report.to_dict(), quarantined, time.time() - t0)
     if result.shards_written or result.failed:       # a rerun on a complete store keeps the last real report
-        writer.put_meta("build_report", result.to_dict() | {"summary": text, "store": stats})
+        meta_ok &= put_meta_safe(writer, "build_report", result.to_dict() | {"summary": text, "store": stats})
     log.info("store stats: %s", json.dumps({k: v for k, v in stats.items() if k != "fields"}, default=str))
     print(text, flush=True)
+    if not meta_ok:
+        log.error("some reports under %s/meta could not be written (see above); free space and rerun the same "
+                  "command: finished shards are kept.", cfg.store.path)
     if not result.ok:
         log.error("%d shard(s) failed: %s (errors and example ids in meta/build_report.json). Fix the cause and "
                   "rerun the same command: finished shards are kept.", len(result.failed), sorted(result.failed))
-        return EXIT_SHARDS_FAILED
-    return EXIT_OK
+    return EXIT_OK if result.ok and meta_ok else EXIT_SHARDS_FAILED
 
 
 if __name__ == "__main__":

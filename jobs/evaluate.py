@@ -55,9 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    summaries = evaluate_run(args.run, datasets, data_dir=args.data_dir, device=args.device,
-                             batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                             budgets=args.budgets, overrides=args.overrides, progress=not args.no_progress)
+    from jobs._cli import REFUSED, refuse
+
+    try:
+        summaries = evaluate_run(args.run, datasets, data_dir=args.data_dir, device=args.device,
+                                 batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                                 budgets=args.budgets, overrides=args.overrides, progress=not args.no_progress)
+    except REFUSED as e:   # one line naming the fix, exit code 2
+        raise SystemExit(refuse(e)) from None
     for name, s in summaries.items():
         lo, hi = s["ci95"]
         print(f"{name}: {100 * s['accuracy']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}] of {s['n']}, "

@@ -39,6 +39,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs._cli import refuse  # noqa: E402
+from kava_dist.guard import Refusal, redact, redact_argv  # noqa: E402
+
 log = logging.getLogger("jobs.sweep")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,13 +68,13 @@ def parse_grid(axes: list[str]) -> list[tuple[str, list[str]]]:
     grid = []
     for ax in axes:
         if "=" not in ax:
-            raise SystemExit(f"--grid {ax!r}: write axes as section.key=v1,v2 (e.g. loss.alpha_kv=0.5,1,2).")
+            raise Refusal(f"--grid {ax!r}: write axes as section.key=v1,v2 (e.g. loss.alpha_kv=0.5,1,2).")
         key, vals = ax.split("=", 1)
         values = split_values(vals)
         if not values:
-            raise SystemExit(f"--grid {ax!r} lists no values.")
+            raise Refusal(f"--grid {ax!r} lists no values.")
         if key in (k for k, _ in grid):
-            raise SystemExit(f"--grid names {key} twice; list all its values in one axis.")
+            raise Refusal(f"--grid names {key} twice; list all its values in one axis.")
         grid.append((key.strip(), values))
     return grid
 
@@ -121,7 +124,7 @@ def execute(spec: dict) -> dict:
         if state == "partial":
             cmd.append("--resume")
         with open(run_dir / "train.log", "a") as f:
-            f.write(f"$ {' '.join(cmd)}\n")
+            f.write(f"$ {' '.join(redact_argv(cmd))}\n")
             f.flush()
             rc = subprocess.run(cmd, cwd=str(ROOT), env=child_env(spec.get("env")), stdout=f,
                                 stderr=subprocess.STDOUT).returncode
@@ -190,7 +193,8 @@ def _fmt(v) -> str:
 
 
 def write_summary(out: Path, meta: dict, rows: list[dict]) -> None:
-    (out / "summary.json").write_text(json.dumps({**meta, "runs": rows}, indent=2, default=str))
+    meta = {**meta, "overrides": redact_argv(list(meta.get("overrides", [])))}     # credentials never on disk
+    (out / "summary.json").write_text(json.dumps(redact({**meta, "runs": rows}), indent=2, default=str))
     keys = [k for k, _ in meta["grid"]]
     terms = sorted({t for r in rows for t in r.get("final", {})
                     if t not in ("step", "epoch", "time", "lr", "samples_per_s", "tokens_per_s", "steps_per_s")})
@@ -251,6 +255,13 @@ def run_ray(specs: list[dict], parallel: int, cfg) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except Refusal as e:
+        return refuse(e)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="base YAML config")
@@ -270,16 +281,15 @@ def main(argv=None) -> int:
     combos = [list(zip([k for k, _ in grid], vals)) for vals in itertools.product(*[v for _, v in grid])]
     out = Path(args.out or f"runs/sweep_{Path(args.config).stem}").resolve()
     if any(o.startswith("train.out_dir=") for o in args.overrides):
-        raise SystemExit("train.out_dir is set per run by the sweep; pass --out DIR instead.")
+        raise Refusal("train.out_dir is set per run by the sweep; pass --out DIR instead.")
     try:
         base = load_config(args.config, args.overrides)
         for combo in combos:    # every combination must be a valid config before anything runs
             load_config(args.config, args.overrides + [f"{k}={v}" for k, v in combo])
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     if args.parallel < 1:
-        raise SystemExit("--parallel must be >= 1.")
+        raise Refusal("--parallel must be >= 1.")
     specs = []
     for i, combo in enumerate(combos):
         name = run_name(i, combo)
@@ -293,9 +303,8 @@ def main(argv=None) -> int:
         return 0
     try:
         store = check_store(args.config, args.overrides, combos)     # once, before any run starts
-    except (FingerprintError, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 2
+    except (FingerprintError, FileNotFoundError, ValueError, Refusal) as e:
+        return refuse(e)
     if store:
         log.info("store %s: fingerprint %s matches every grid point (%d rows)", store["path"], store["fingerprint"],
                  store["rows"])

@@ -49,25 +49,36 @@ def main(argv=None) -> int:
         print(describe())
         return 0
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    from jobs._cli import REFUSED, build_command, refuse, remove_if_new
+
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     import torch.distributed as tdist
 
+    from cache_store.backend import DiskFull
+    from cache_store.errors import CorruptShard, StoreNotFound
+    from kava_dist.guard import Refusal
     from kava_dist.engine import init_distributed
-    from kava_dist.trainer import FingerprintError, Trainer
+    from kava_dist.trainer import Trainer
 
+    out_dir = Path(cfg.train.out_dir)
+    existed = out_dir.exists()
     dist = init_distributed()
     setup_logging(dist.rank)
     try:
         trainer = Trainer(cfg, dist)
-    except (FingerprintError, FileExistsError, FileNotFoundError) as e:   # errors that name their fix
-        logging.getLogger("jobs.train").error("%s", e)
-        return 2
+    except REFUSED as e:   # errors that name their fix: one line, rc 2, no run folder left behind
+        if dist.is_main:
+            remove_if_new(out_dir, existed)
+        return refuse(e)
     try:
         trainer.run()
+    except CorruptShard as e:   # met mid-training: name the shard and the repair
+        return refuse(e, f"Repair command: {build_command(args.config, overrides)}")
+    except (Refusal, DiskFull, StoreNotFound) as e:
+        return refuse(e)
     finally:
         trainer.close()
     if tdist.is_initialized():

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from kava_dist.backbone import parts
 from kava_dist.config import KavaConfig, LatentConfig
+from kava_dist.guard import confine
 from kava_dist.prompts import Encoded, SpecialIds, encode_examples, load_examples
 from kava_dist.student import generate_answers
 from kava_dist.teacher import positions_from_mask

@@ -15,6 +15,8 @@ rows are counted by reason in a `DataReport` and skipped, never fatal.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import re
 from collections import Counter
@@ -48,6 +50,8 @@ class DataReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     skipped_ids: dict[str, list[int]] = field(default_factory=dict)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    """Malformed lines (bad JSON, not an object): row id, file:line and the parse error (the first 1000)."""
 
     def skip(self, reason: str, row_id: int) -> None:
         self.skipped[reason] += 1
@@ -55,13 +59,34 @@ class DataReport:
         if len(ids) < 20:
             ids.append(row_id)
 
+    def malformed(self, row_id: int, where: str) -> None:
+        self.skip(MALFORMED, row_id)
+        if len(self.quarantined) < 1000:
+            self.quarantined.append({"id": row_id, "where": where})
+
+    def check_malformed(self, max_bad_fraction: float = 1.0) -> None:
+        """Refuse the file when no row is usable, or when malformed lines exceed `max_bad_fraction` of its rows."""
+        bad = self.skipped.get(MALFORMED, 0)
+        if not bad:
+            return
+        first = "; ".join(q["where"] for q in self.quarantined[:3])
+        if self.kept == 0 or bad / max(1, self.rows) > max_bad_fraction:
+            raise ValueError(f"{self.source}: {bad} of {self.rows} lines are malformed (first: {first}); fix the file "
+                             f"or raise data.max_bad_fraction (now {max_bad_fraction}) to skip them.")
+        log.warning("%s: %d malformed lines skipped and quarantined in the data report (first: %s)", self.source,
+                    bad, first)
+
     def summary(self) -> str:
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
         return f"{self.source}: {self.rows} rows, {self.kept} kept, skipped ({parts})"
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "rows": self.rows, "kept": self.kept,
-                "skipped": dict(self.skipped), "skipped_ids": self.skipped_ids}
+                "skipped": dict(self.skipped), "skipped_ids": self.skipped_ids, "quarantined": self.quarantined}
+
+
+MALFORMED = "malformed line"
+_MALFORMED_KEY = "__malformed__"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -81,10 +106,8 @@ def _read_icot_txt(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_rows(path: str | Path):
-    """Rows of a data file as a `datasets.Dataset` (or a list for iCoT .txt). Errors name the fix."""
-    import datasets
-
+def check_data_file(path: str | Path) -> Path:
+    """The data file's path, or FileNotFoundError naming the fix (cheap: callers check before loading a model)."""
     p = Path(path)
     if not str(path):
         raise FileNotFoundError("no data path given. Set data.train_path (or pass the dataset file by path).")
@@ -92,6 +115,34 @@ def read_rows(path: str | Path):
         raise FileNotFoundError(
             f"data file {p} does not exist. Pass a .jsonl/.jsonl.gz/.parquet file or a datasets dir by path "
             f"(the full GSM8k-AUG train set is not bundled: fetch whynlp/gsm8k-aug or zen-E/GSM8k-Aug yourself).")
+    return p
+
+
+def _read_json_lines(p: Path) -> list[dict[str, Any]]:
+    """JSON lines one by one: a line that is not a JSON object becomes a placeholder row naming file:line, so row
+    ids (the index among non-blank lines, as `datasets` numbers them) stay those of the well-formed file."""
+    rows: list[dict[str, Any]] = []
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    with opener(p, "rt", encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+            except ValueError as e:
+                row = {_MALFORMED_KEY: f"{p}:{lineno}: {str(e)[:120]}"}
+            rows.append(row)
+    return rows
+
+
+def read_rows(path: str | Path):
+    """Rows of a data file as a `datasets.Dataset` (or a list for iCoT .txt / JSON lines with malformed lines).
+    Errors name the fix."""
+    import datasets
+
+    p = check_data_file(path)
     datasets.disable_progress_bars()
     if p.is_dir():
         ds = datasets.load_from_disk(str(p))
@@ -106,7 +157,16 @@ def read_rows(path: str | Path):
     if name.endswith(".parquet"):
         return datasets.load_dataset("parquet", data_files=str(p), split="train")
     if any(name.endswith(s) for s in (".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        return datasets.load_dataset("json", data_files=str(p), split="train")
+        try:
+            return datasets.load_dataset("json", data_files=str(p), split="train")
+        except Exception as e:  # noqa: BLE001 - one bad line (or mixed types) fails the whole arrow load
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(p, "rt", encoding="utf-8", errors="replace") as f:
+                head = f.read(4096).lstrip()
+            if head.startswith("["):
+                raise ValueError(f"{p} is not valid JSON ({str(e).splitlines()[0][:200]}); fix the file.") from e
+            log.warning("%s: not loadable as a whole (%s); reading it line by line", p, str(e).splitlines()[0][:160])
+            return _read_json_lines(p)
     raise ValueError(f"unknown data format for {p}: use .jsonl, .jsonl.gz, .json, .parquet, .txt (iCoT) or a datasets dir.")
 
 
@@ -159,6 +219,9 @@ def load_examples(path: str | Path, cot_style: str = "auto", numeric_answer: boo
     for i in range(n):
         row = rows[i]
         report.rows += 1
+        if _MALFORMED_KEY in row:
+            report.malformed(i, row[_MALFORMED_KEY])
+            continue
         question, answer = row.get("question"), row.get(answer_field)
         if not isinstance(question, str) or not question.strip():
             report.skip("empty or missing question", i)
@@ -185,6 +248,7 @@ def load_examples(path: str | Path, cot_style: str = "auto", numeric_answer: boo
         question = question.strip().replace("  ", " ")
         examples.append(Example(id=i, question=question, steps=steps, answer=answer, cot_style=style))
         report.kept += 1
+    report.check_malformed()
     log.info(report.summary())
     return examples, report
 
@@ -303,6 +367,7 @@ def load_training_set(data, tokenizer) -> tuple[list[Encoded], DataReport]:
     and its benchmark share, so a store's rows and a run's examples cannot drift apart."""
     examples, report = load_examples(data.train_path, data.cot_style, data.numeric_answer, data.limit,
                                      data.answer_field)
+    report.check_malformed(data.max_bad_fraction)
     return encode_examples(examples, tokenizer, data.answer_prompt, data.drop_last_step, data.max_tokens, report)
 
 

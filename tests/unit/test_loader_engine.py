@@ -320,7 +320,9 @@ def test_sweep_grid_parsing():
     assert grid == [("loss.alpha_kv", ["0.5", "1", "2"]), ("loss.kv_loss", ["mse", "smooth_l1"])]
     assert run_name(3, [("loss.alpha_kv", "0.5"), ("lora.target_modules", "[q_proj,v_proj]")]) == \
         "003_alpha_kv-0.5_target_modules-q_proj+v_proj"
-    with pytest.raises(SystemExit, match="section.key=v1,v2"):
+    from kava_dist.guard import Refusal
+
+    with pytest.raises(Refusal, match="section.key=v1,v2"):
         parse_grid(["loss.alpha_kv"])
 
 
