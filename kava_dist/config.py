@@ -153,10 +153,6 @@ class DataConfig:
     """Refuse a data file when more than this fraction of its lines are malformed (bad JSON, wrong types); fewer are
     counted, quarantined with file and line in the data report, and skipped. A file with no usable row is always
     refused."""
-    max_bad_fraction: float = 0.05
-    """Refuse a data file when more than this fraction of its lines are malformed (bad JSON, wrong types); fewer are
-    counted, quarantined with file and line in the data report, and skipped. A file with no usable row is always
-    refused."""
 
 
 @dataclass
@@ -176,10 +172,6 @@ class StoreConfig:
     (1.30x vs 1.37x), which keeps the store write up with an H100 teacher (BENCHMARKS.md); higher saves little."""
     verify: bool = False
     """Check each shard's checksum on first read during training."""
-    allow_partial: bool = False
-    """Train on an incomplete store (shards still missing): only the examples it holds, logged and recorded in the
-    run's config. Default false: training refuses such a store, naming the missing shards. Not in the fingerprint
-    (it selects rows of the same targets, it does not change them)."""
     allow_partial: bool = False
     """Train on an incomplete store (shards still missing): only the examples it holds, logged and recorded in the
     run's config. Default false: training refuses such a store, naming the missing shards. Not in the fingerprint
@@ -552,8 +544,6 @@ def validate(cfg: KavaConfig) -> None:
                           "or hf, or use train.zero_stage=2.")
     if not cfg.data.answer_field.strip():
         raise ConfigError("data.answer_field is empty. Name the row field that holds the answer (default answer).")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1].")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1].")
     if cfg.lora.enabled and not cfg.lora.target_modules:

@@ -40,8 +40,6 @@ from kava_dist.backbone import add_lora, load_adapter, load_backbone
 from kava_dist.config import KavaConfig, save_config
 from kava_dist.example_map import ExampleMap
 from kava_dist.guard import Refusal
-from kava_dist.example_map import ExampleMap
-from kava_dist.guard import Refusal
 from kava_dist.fused import apply_fused
 from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for
 from kava_dist.prompts import check_data_file, collate, encode_examples, load_examples, load_training_set
@@ -103,7 +101,6 @@ class Trainer:
             raise FileExistsError(f"{self.rd.root} already holds a run (checkpoint {ckpt_latest.read_text().strip()}). "
                                   "Pass --resume to continue it, or choose a new train.out_dir.")
         check_data_file(cfg.data.train_path)                                       # fail fast, before the model
-        check_data_file(cfg.data.train_path)                                       # fail fast, before the model
         self.reader = open_store_checked(cfg) if tc.stage == "student" else None    # fail fast, before the model
         if dist.is_main:
             self.rd.root.mkdir(parents=True, exist_ok=True)
@@ -139,8 +136,6 @@ class Trainer:
         accum = E.accumulation(tc, dist.world_size)
         assert accum == self.plan.accum and tc.micro_batch * accum * dist.world_size == tc.global_batch
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * self.plan.steps_per_epoch))
-        if tc.resume:   # before the engine: a run whose examples changed is refused cheaply
-            self.example_map.check_resume(self.rd.root)
         if tc.resume:   # before the engine: a run whose examples changed is refused cheaply
             self.example_map.check_resume(self.rd.root)
         self.module = E.StageModule(model, tc.stage, self.special, cfg)
