@@ -96,14 +96,7 @@ def load_backbone(mcfg: ModelConfig, latent: LatentConfig | None = None, device:
     if model.config.model_type not in SUPPORTED:
         raise ValueError(f"model_type {model.config.model_type!r} is not supported; kava handles {SUPPORTED} "
                          "(their attention has no q/k norm, which the teacher hooks rely on).")
-    old = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > old:
-        # Deterministic new rows (the mean of the old ones), identical in every process that loads the base:
-        # the adapter then only stores the trainable deltas of these rows, not the whole embedding matrix.
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
-                emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+    add_token_rows(model, len(tokenizer))
     model.config.pad_token_id = special.pad
     model.kava_prj = LatentProjection(model.config.hidden_size, latent.projection_dropout) if (
         latent is not None and latent.use_projection) else nn.Identity()
@@ -111,6 +104,20 @@ def load_backbone(mcfg: ModelConfig, latent: LatentConfig | None = None, device:
     model.to(device)
     model.requires_grad_(False)
     return model, tokenizer, special
+
+
+def add_token_rows(model, vocab: int) -> int:
+    """Grow the embeddings (and an untied LM head) to `vocab` rows; returns the number of rows added.
+    Deterministic new rows (the mean of the old ones), identical in every process that loads the base: the
+    adapter then only stores the trained rows of kava's tokens, not the whole embedding matrix."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab <= old:
+        return 0
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+    return vocab - old
 
 
 def new_token_ids(special: SpecialIds, base_vocab: int | None = None) -> list[int]:
@@ -179,8 +186,26 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool):
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json. Point at the `adapter/` dir that "
                                 "train.stage=teacher (or student) exported.")
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    check_loaded(peft_model, adapter_dir)
     cache_token_indices(peft_model)
     return peft_model
+
+
+def check_loaded(peft_model, adapter_dir: str | Path = "the adapter") -> None:
+    """Raise unless every module the adapter saves whole (`modules_to_save`, e.g. the trained `kava_prj`) found
+    its target in the base. peft skips a missing target without a word, and the student would then run without
+    its trained projection."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    for adapter, pcfg in getattr(peft_model, "peft_config", {}).items():
+        missing = sorted(set(getattr(pcfg, "modules_to_save", None) or ()) - wrapped)
+        if missing:
+            raise ValueError(
+                f"{adapter_dir} (adapter {adapter!r}) holds trained weights for {missing}, which the base model lacks, "
+                "so PeftModel.from_pretrained dropped them. Prepare the base first: "
+                "`base = kava_dist.pretrained.kava_base(base, ADAPTER_DIR)` (adds kava's tokens and kava_prj), then "
+                "`PeftModel.from_pretrained(base, ADAPTER_DIR)`; or load the run with kava_dist.run.load_run.")
 
 
 def load_full(model, model_dir: str | Path, trainable: bool):
@@ -215,7 +240,11 @@ def parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
     if type(model).__name__ == "DeepSpeedEngine":
         model = model.module
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return lm, lm.model, lm.kava_prj if hasattr(lm, "kava_prj") else nn.Identity()
+    prj = getattr(lm, "kava_prj", None)
+    if hasattr(model, "peft_config") and type(prj).__name__ != "ModulesToSaveWrapper" and any(
+            "kava_prj" in (getattr(c, "modules_to_save", None) or ()) for c in model.peft_config.values()):
+        check_loaded(model)         # a trained projection that never arrived must not turn into the identity
+    return lm, lm.model, prj if prj is not None else nn.Identity()
 
 
 def decoder_layers(model) -> list[nn.Module]:
