@@ -5,6 +5,7 @@ Usage:
     python -m jobs.matrix configs/experiments/smollm2/matrix.yaml --var device=cuda --deadline-min 14
     python -m jobs.matrix PLAN --dry-run                          # the commands, in start order, and nothing else
     python -m jobs.matrix PLAN --var device=cpu --set train.max_steps=2 data.limit=64 eval.limit=8   # smoke run
+    python -m jobs.matrix --config PLAN train.max_steps=2 data.limit=64 --var device=cpu   # the same, every job's shape
 
 A plan (YAML) names an output folder, the slots (jobs at once), variables, and jobs:
 
@@ -95,6 +96,8 @@ def load_plan(path: str | Path, var_overrides: list[str] = (), sets: list[str] =
     vars_["out"] = _fmt(str(vars_.get("out") or raw.get("out") or ""), vars_)   # --var out=DIR wins
     if not vars_["out"]:
         raise PlanError(f"{path}: set `out:` (the folder every run of the matrix goes under)")
+    for k in [k for k in vars_ if k not in ("out", "python")]:   # a var may use others, e.g. "{out}/teacher"
+        vars_[k] = _fmt(vars_[k], vars_)
     py = sys.executable
     jobs: list[Job] = []
     for i, spec in enumerate(raw.get("jobs") or []):
@@ -251,7 +254,9 @@ class Matrix:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.matrix", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("plan", help="plan YAML (configs/experiments/...)")
+    ap.add_argument("args", nargs="*", metavar="PLAN | KEY=VALUE",
+                    help="the plan YAML (or --config PLAN), then config overrides for every train/cache job (= --set)")
+    ap.add_argument("--config", default="", metavar="PLAN", help="the plan YAML (configs/experiments/...)")
     ap.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a plan variable")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides for every train/cache job (their eval.* part for evaluations too)")
@@ -260,7 +265,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reserve-min", type=float, default=2.0,
                     help="start no train/cache job later than this before the deadline")
     ap.add_argument("--dry-run", action="store_true", help="print the jobs' commands and exit")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
+    plans = [a for a in args.args if "=" not in a] + ([args.config] if args.config else [])
+    if len(plans) != 1:
+        ap.error(f"give one plan (positional or --config PLAN), got {plans or 'none'}")
+    args.plan, args.set = plans[0], [a for a in args.args if "=" in a] + list(args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         out, slots, jobs = load_plan(args.plan, args.var, args.set)

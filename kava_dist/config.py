@@ -261,6 +261,10 @@ class TrainConfig:
     """Continue from the latest checkpoint in out_dir."""
     stop_at_step: int = 0
     """End this invocation after N optimizer steps with a checkpoint, schedule unchanged (0 = run to the end); resume later."""
+    final_checkpoint: bool = True
+    """Write a DeepSpeed checkpoint (weights + optimizer state) at the end of the run; false leaves only the
+    exported adapter/ (a full fine-tune's optimizer state is ~14 bytes per parameter; such a run cannot be resumed
+    or extended)."""
     keep_checkpoints: int = 2
     """Keep the newest N checkpoints in out_dir/checkpoints (0 = keep all)."""
 

@@ -333,7 +333,7 @@ class Trainer:
                 break
         bar.close()
         if final < self.total_steps:   # ended by train.time_limit_min: a finished run at step `final`
-            if saved != final:
+            if saved != final and tc.final_checkpoint:
                 self._save(final)
             self._export(final)
             return history
@@ -343,7 +343,8 @@ class Trainer:
             if self.dist.is_main:
                 log.info("stopped at step %d of %d (train.stop_at_step); continue with --resume", end, self.total_steps)
             return history
-        if saved != self.total_steps or not (self.rd.checkpoints / f"global_step{self.total_steps}").exists():
+        if tc.final_checkpoint and (saved != self.total_steps
+                                    or not (self.rd.checkpoints / f"global_step{self.total_steps}").exists()):
             self._save(self.total_steps)
         self._export(self.total_steps)
         return history

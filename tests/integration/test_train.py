@@ -269,7 +269,8 @@ def test_full_finetune_through_every_stage_with_curves_and_time_limit(ws):
          f"train.out_dir={teacher}"], ws["root"] / "full_teacher.log")
     assert (teacher / "adapter" / "config.json").exists() and not (teacher / "adapter" / "adapter_config.json").exists()
     init = f"model.student_init_adapter={teacher / 'adapter'}"
-    for stage, extra in (("student", [f"store.path={ws['store']}", "train.time_limit_min=1e-6", "train.max_steps=50"]),
+    for stage, extra in (("student", [f"store.path={ws['store']}", "train.time_limit_min=1e-6", "train.max_steps=50",
+                                      "train.final_checkpoint=false"]),
                          ("online", ["train.max_steps=2"]), ("nocot", ["train.max_steps=2"])):
         out = ws["root"] / f"full_{stage}"
         _, text = run([PY, "-m", "jobs.train", *ws["common"], *full, f"train.stage={stage}", init, *extra,
@@ -282,6 +283,9 @@ def test_full_finetune_through_every_stage_with_curves_and_time_limit(ws):
         if stage == "student":   # the time limit ended it at the first step, as a finished run
             assert "train.time_limit_min=1e-06 reached at step 1 of 50" in text
             assert meta["step"] == 1 and meta["examples_seen"] == 8 and meta["planned_steps"] == 50
+            assert not (out / "checkpoints").exists()          # train.final_checkpoint=false
+        else:
+            assert (out / "checkpoints" / "latest").exists()
         cfg, model, _, _ = load_run(out)
         assert not cfg.lora.enabled and not hasattr(model, "peft_config")
         trained = dict(model.named_parameters())

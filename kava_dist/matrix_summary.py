@@ -1,0 +1,168 @@
+"""[8] Results of an experiment matrix, per method: test accuracy over seeds, forward passes, examples seen,
+wall time and rate per stage, the command behind each run, and the validation accuracy curves.
+
+Usage:
+    python -m jobs.summarize runs/mult4x4 --out experiments/mult4x4
+    from kava_dist.matrix_summary import collect, write_summary
+    runs = collect("runs/mult4x4", dataset="mult4x4")     # one dict per finished run folder
+    write_summary(runs, "experiments/mult4x4")            # summary.json, details.json, summary.md, curves.png
+
+A run's method is its folder name without a `_s<seed>` suffix (`kava_s1` -> `kava`). `summary.json` holds, per
+method, exactly {"accuracy": [per-seed fractions], "passes_per_question": mean, "examples_seen": mean};
+`details.json` adds per-run intervals, walls, rates and commands. Reads each run's eval/{dataset}.json,
+metrics.jsonl, adapter/kava.json and the matrix's matrix.json (job commands and wall times).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kava_dist.evaluate import wilson_interval  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+METHOD_ORDER = ("teacher", "kava", "codi", "pccot", "nocot", "kava_crop", "kava_online", "kava_int8")
+_SEED = re.compile(r"_s(\d+)$")
+
+
+def method_of(name: str) -> tuple[str, int | None]:
+    m = _SEED.search(name)
+    return (name[: m.start()], int(m.group(1))) if m else (name, None)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def collect(root: str | Path, dataset: str = "mult4x4") -> list[dict[str, Any]]:
+    """One record per run folder under `root` that has eval/{dataset}.json (others are listed as missing)."""
+    root = Path(root)
+    jobs = {}
+    if (root / "matrix.json").exists():
+        jobs = {j["name"]: j for j in json.loads((root / "matrix.json").read_text()).get("jobs", [])}
+    runs = []
+    for run in sorted(p for p in root.iterdir() if (p / "config.yaml").exists()):
+        ev = run / "eval" / f"{dataset}.json"
+        method, seed = method_of(run.name)
+        metrics = _jsonl(run / "metrics.jsonl")
+        train = [r for r in metrics if "samples_per_s" in r]
+        curve = [(r["examples_seen"], r["valid/accuracy"]) for r in metrics
+                 if "valid/accuracy" in r and "examples_seen" in r]
+        meta = json.loads((run / "adapter" / "kava.json").read_text()) if (run / "adapter" / "kava.json").exists() else {}
+        rec: dict[str, Any] = {"run": run.name, "method": method, "seed": seed, "curve": curve,
+                               "examples_seen": meta.get("examples_seen", train[-1]["examples_seen"] if train and
+                                                         "examples_seen" in train[-1] else None),
+                               "steps": meta.get("step"), "planned_steps": meta.get("planned_steps"),
+                               "samples_per_s": statistics.mean(r["samples_per_s"] for r in train[1:] or train)
+                               if train else None,
+                               "train_wall_s": jobs.get(run.name, {}).get("wall_s"),
+                               "eval_wall_s": jobs.get(f"{run.name}.eval", {}).get("wall_s"),
+                               "command": " ".join(jobs.get(run.name, {}).get("argv", [])[1:])}
+        if ev.exists():
+            s = json.loads(ev.read_text())["summary"]
+            rec.update(accuracy=s["accuracy"], correct=s["correct"], n=s["n"], ci95=s["ci95"],
+                       passes_per_question=s["forward_passes"], mode=s["mode"])
+        else:
+            log.warning("%s has no eval/%s.json: left out of the accuracy table", run, dataset)
+        runs.append(rec)
+    return runs
+
+
+def by_method(runs: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        if "accuracy" in r:
+            groups.setdefault(r["method"], []).append(r)
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
+def summary_json(runs: list[dict]) -> dict[str, dict]:
+    out = {}
+    for method, rs in by_method(runs).items():
+        rs = sorted(rs, key=lambda r: r["seed"] or 0)
+        seen = [r["examples_seen"] for r in rs if r["examples_seen"] is not None]
+        out[method] = {"accuracy": [r["accuracy"] for r in rs],
+                       "passes_per_question": statistics.mean(r["passes_per_question"] for r in rs),
+                       "examples_seen": round(statistics.mean(seen)) if seen else 0}
+    return out
+
+
+def _fmt_s(x: float | None) -> str:
+    return "" if x is None else f"{x:.0f}"
+
+
+def summary_markdown(runs: list[dict], dataset: str) -> str:
+    lines = [f"| Method | seeds | exact accuracy on {dataset} (%), mean ± std | per seed (95% Wilson interval) | "
+             "forward passes / question | examples seen | train wall (s) | eval wall (s) | samples/s (train) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for method, rs in by_method(runs).items():
+        rs = sorted(rs, key=lambda r: r["seed"] or 0)
+        accs = [100 * r["accuracy"] for r in rs]
+        std = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
+        per = ", ".join(f"{100 * r['accuracy']:.1f} [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]" for r in rs)
+        mean = lambda key: statistics.mean(r[key] for r in rs) if all(r[key] is not None for r in rs) else None  # noqa: E731
+        seen = sorted({r["examples_seen"] for r in rs if r["examples_seen"] is not None})
+        lines.append(f"| {method} | {len(rs)} | {statistics.mean(accs):.1f}{std} | {per} | "
+                     f"{mean('passes_per_question'):.1f} | {', '.join(f'{s:,}' for s in seen)} | "
+                     f"{_fmt_s(mean('train_wall_s'))} | {_fmt_s(mean('eval_wall_s'))} | "
+                     f"{_fmt_s(mean('samples_per_s'))} |")
+    lines += ["", "Commands (one per run):", ""]
+    lines += [f"- `{r['run']}`: `{r['command']}`" for r in runs if r.get("command")]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: list[dict], out_png: str | Path, dataset: str = "valid") -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(r["method"] for r in sorted(
+        runs, key=lambda r: METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99)))
+    for i, method in enumerate(methods):
+        for j, r in enumerate(r for r in runs if r["method"] == method and r["curve"]):
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, [100 * y for y in ys], color=colors[i % len(colors)], alpha=1.0 if j == 0 else 0.5,
+                    marker="o", markersize=2, label=method if j == 0 else None)
+    ax.set_xlabel("examples seen")
+    ax.set_ylabel(f"exact accuracy on {dataset} (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out_png
+
+
+def write_summary(runs: list[dict], out_dir: str | Path, dataset: str = "mult4x4") -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"summary": out_dir / "summary.json", "details": out_dir / "details.json",
+             "markdown": out_dir / "summary.md", "curves": out_dir / "curves.png"}
+    paths["summary"].write_text(json.dumps(summary_json(runs), indent=1) + "\n")
+    paths["details"].write_text(json.dumps(runs, indent=1) + "\n")
+    paths["markdown"].write_text(summary_markdown(runs, dataset))
+    plot_curves(runs, paths["curves"], dataset=f"{dataset} valid")
+    return paths
+
+
+def interval_of(runs: list[dict]) -> tuple[float, float]:
+    """Wilson interval of the pooled seeds of one method (correct and n summed)."""
+    return wilson_interval(sum(r["correct"] for r in runs), sum(r["n"] for r in runs))
