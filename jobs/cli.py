@@ -1,11 +1,13 @@
 """The `kava` console script: one word per job.
 
-Usage:
+Every job takes `--config FILE` plus positional `section.key=value` overrides (report: run directories; demo: its
+options). Usage:
     kava demo [--quick]                       the whole pipeline on CPU (jobs/demo.py)
     kava train --config CFG [k=v ...]         = python -m jobs.train   (the deepspeed launcher runs jobs/train.py)
     kava build-cache --config CFG [k=v ...]   = python -m jobs.build_cache (ray job submit runs the module)
     kava sweep --config CFG --grid k=a,b ...  = python -m jobs.sweep
-    kava evaluate --run RUN --datasets ...    = python -m jobs.evaluate
+    kava evaluate --config CFG [k=v ...]      = python -m jobs.evaluate (the run of CFG's train.out_dir; or --run RUN)
+    kava matrix --config PLAN [k=v ...]       = python -m jobs.matrix (plan variables: --var name=value)
     kava report RUN...                        = python -m jobs.report
     kava store info|verify PATH               = python -m cache_store
 """
@@ -15,7 +17,8 @@ import importlib
 import sys
 
 COMMANDS = {"demo": "jobs.demo", "train": "jobs.train", "build-cache": "jobs.build_cache", "sweep": "jobs.sweep",
-            "evaluate": "jobs.evaluate", "report": "jobs.report", "store": "cache_store.cli"}
+            "evaluate": "jobs.evaluate", "report": "jobs.report", "matrix": "jobs.matrix",
+            "store": "cache_store.cli"}
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,16 @@
 """Evaluate a finished run: accuracy (95% Wilson CI), forward passes, tokens, latency and peak memory.
 
 Usage:
+    python -m jobs.evaluate --config configs/paper/llama1b_aug.yaml train.out_dir=runs/llama1b_aug --datasets gsm8k
     python -m jobs.evaluate --run runs/llama1b_aug --datasets gsm8k,gsm_hard,svamp --data-dir data --device cuda
     python -m jobs.evaluate --run runs/x --datasets path/to/set.jsonl.gz,mult4x4 --limit 200 --batch-size 32
     python -m jobs.evaluate --run runs/x --datasets gsm8k --budgets 8,16,24,32      # + latent-budget sweep
 
 Writes RUN/eval/{dataset}.json (summary + per-question records) and RUN/eval/summary.md; with --budgets also
 RUN/eval/budget/M{m}/{dataset}.json and RUN/eval/budget.json (drawn as a heatmap by `python -m jobs.report`).
+The run is `--run DIR`, or, as for every job, `--config FILE` plus `section.key=value` overrides: the run of that
+training command (its train.out_dir). Overrides are applied to the run's config.yaml on load (e.g.
+model.dtype=float32, eval.max_new_tokens=64; `--set KEY=VALUE` is the same).
 The decoding mode follows the run's train.stage: teacher -> Full CoT, student/online -> latent, nocot -> No-CoT.
 Names map to `{data-dir}/{name}.test.jsonl.gz`; any path to a file in the shared schema works as well.
 The decode loops live in kava_dist.evaluate.
@@ -30,7 +34,10 @@ def _ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="run directory (config.yaml + adapter/)")
+    ap.add_argument("--run", default="", help="run directory (config.yaml + adapter/)")
+    ap.add_argument("--config", default="", help="the training config: evaluates its train.out_dir (with the overrides)")
+    ap.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides applied to the run's config.yaml on load (same as --set)")
     ap.add_argument("--datasets", default="",
                     help="comma-separated names (gsm8k, gsm_hard, svamp, mult4x4, ...) or file paths; "
                          "default: the config's eval.datasets")
@@ -43,14 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (dtype comes from model.dtype)")
     ap.add_argument("--budgets", type=_ints, default=[],
                     help="also sweep M (latent.num_latents at inference), e.g. 8,16,24,32 (student/online runs)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override applied on load, e.g. --set model.dtype=float32 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return ap
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and resolve the run: `--run DIR`, or `--config FILE [k=v ...]` -> that config's train.out_dir."""
+    ap = build_parser()
+    args = ap.parse_intermixed_args(argv)
+    args.overrides = list(args.overrides) + list(args.set_overrides)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        ap.error(f"overrides are section.key=value, got {bad}")
+    if bool(args.run) == bool(args.config):
+        ap.error("give the run to evaluate: --run RUN_DIR, or --config FILE [section.key=value ...] "
+                 "(the run of that training command, its train.out_dir)")
+    if args.config:
+        from kava_dist.config import ConfigError, load_config
+
+        try:
+            args.run = load_config(args.config, args.overrides).train.out_dir
+        except (ConfigError, OSError) as e:
+            ap.error(str(e))
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from kava_dist.evaluate import evaluate_run      # after parsing: --help stays fast (no torch import)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
