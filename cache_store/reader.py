@@ -77,8 +77,9 @@ class StoreReader(StoreView):
         rec = self.ledger.read_store()
         if rec is None:
             raise StoreNotFound(
-                f"no cache_store at {self.backend.url} ({STORE_RECORD} is missing); check the path/storage_options "
-                "or build the store first (StoreWriter.create_or_open + write_shard)"
+                f"no cache_store at {self.backend.url} ({STORE_RECORD} is missing); check the path/storage_options, "
+                f"or build the store: `python -m jobs.build_cache --config CONFIG store.path={self.backend.url}` "
+                "(docs/CACHE_BUILD.md)"
             )
         self.record: StoreRecord = rec
         if expected_fingerprint is not None and expected_fingerprint != rec.fingerprint:

@@ -66,6 +66,25 @@ def redacted(cfg_dict: dict) -> dict:
     return redact(cfg_dict)
 
 
+def source_hint(differing: dict, cfg) -> str:
+    """For differing content hashes (data, weights, teacher adapter): the file the store was built from and the
+    file this config reads, each with its hash."""
+    from cache_store.errors import StoreNotFound
+    from cache_store.reader import StoreReader
+    from kava_dist.fingerprint import SOURCES, diff_fields, fingerprint_sources, store_sources
+
+    keys = [k for k in differing if k in SOURCES]
+    if not keys:
+        return ""
+    try:
+        built = store_sources(StoreReader(cfg.store.path, storage_options=cfg.store.storage_options or None).get_meta)
+    except (StoreNotFound, OSError, ValueError):
+        built = {}
+    diff = diff_fields({k: differing[k][0] for k in keys}, {k: differing[k][1] for k in keys}, built,
+                       fingerprint_sources(cfg))
+    return "Files: " + "; ".join(diff) + "."
+
+
 def put_meta_safe(writer, name: str, obj) -> bool:
     """writer.put_meta, but a full disk (or another write error) is logged naming the path, not fatal: the
     build's other reports are still written where space allows. Returns whether it was written."""
@@ -130,7 +149,7 @@ def main(argv=None) -> int:
     from cache_store.writer import StoreWriter
     from kava_dist.backbone import load_tokenizer
     from kava_dist.config import load_config, to_dict
-    from kava_dist.fingerprint import cache_fingerprint
+    from kava_dist.fingerprint import cache_fingerprint, fingerprint_sources
     from kava_dist.prompts import add_special_tokens, load_training_set
     from kava_dist.targets import TeacherTargets, plan_actors, plan_shards, store_spec
 
@@ -159,10 +178,14 @@ def main(argv=None) -> int:
                       num_shards=len(shards), storage_options=so)
     try:
         writer = StoreWriter.create_or_open(**store_args)
-    except (FingerprintMismatch, SpecMismatch, OSError) as e:
+    except FingerprintMismatch as e:
+        return refuse(e, source_hint(e.differing, cfg))
+    except (SpecMismatch, OSError) as e:
         return refuse(e)
     meta_ok = put_meta_safe(writer, "data_report", report.to_dict())
     meta_ok &= put_meta_safe(writer, "config", redacted(to_dict(cfg)))
+    if writer.get_meta("sources") is None:      # the files behind the fingerprint's hashes, as built
+        meta_ok &= put_meta_safe(writer, "sources", fingerprint_sources(cfg))
     done = writer.done_shards()
     if len(done) == len(shards):
         log.info("store %s is already complete (%d shards); nothing to compute", cfg.store.path, len(shards))

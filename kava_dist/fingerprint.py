@@ -102,6 +102,43 @@ def cache_fingerprint(cfg: KavaConfig) -> tuple[str, dict[str, object]]:
     return digest, fields
 
 
-def diff_fields(a: dict, b: dict) -> list[str]:
-    """Human-readable differences between two fingerprint field dicts."""
-    return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+# content hashes of the fingerprint -> the config field naming the file (or dir) they hash
+SOURCES = {"data.train_sha": "data.train_path", "model.weights_sha": "model.name_or_path",
+           "model.teacher_adapter_sha": "model.teacher_adapter"}
+
+
+def fingerprint_sources(cfg: KavaConfig) -> dict[str, str]:
+    """The files behind the fingerprint's content hashes (absolute where they exist). The cache build records them
+    in the store (meta/sources), so that a hash mismatch names the file the store was built from."""
+    out = {}
+    for field in SOURCES.values():
+        section, key = field.split(".")
+        value = str(getattr(getattr(cfg, section), key) or "")
+        out[field] = str(Path(value).resolve()) if value and Path(value).exists() else value
+    return out
+
+
+def store_sources(get_meta) -> dict[str, str]:
+    """meta/sources of a store (`get_meta` of its reader or writer); stores built before it was recorded: the paths
+    of the config the build kept (meta/config, as given on that command line)."""
+    src = get_meta("sources", None)
+    if src:
+        return dict(src)
+    cfg = get_meta("config", None) or {}
+    return {f: str((cfg.get(f.split(".")[0]) or {}).get(f.split(".")[1]) or "") for f in SOURCES.values()}
+
+
+def diff_fields(a: dict, b: dict, sources_a: dict | None = None, sources_b: dict | None = None) -> list[str]:
+    """Human-readable differences between two fingerprint field dicts (a = the store's, b = the config's). With
+    the files behind both (fingerprint_sources / store_sources), a content-hash difference names them."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) == b.get(k):
+            continue
+        src = SOURCES.get(k)
+        if src and sources_a is not None and sources_b is not None:
+            out.append(f"{k}: store built from {sources_a.get(src) or '?'} (sha {a.get(k) or '-'}), config reads "
+                       f"{sources_b.get(src) or '?'} (sha {b.get(k) or '-'})")
+        else:
+            out.append(f"{k}: {a.get(k)!r} != {b.get(k)!r}")
+    return out

@@ -55,14 +55,15 @@ class FingerprintError(ValueError):
 def open_store_checked(cfg: KavaConfig):
     """Open cfg.store.path and refuse it unless its fingerprint equals this config's cache_fingerprint()."""
     from cache_store.reader import StoreReader
-    from kava_dist.fingerprint import cache_fingerprint, diff_fields
+    from kava_dist.fingerprint import cache_fingerprint, diff_fields, fingerprint_sources, store_sources
 
     if not cfg.store.path:
         raise ValueError("train.stage=student needs store.path: build it first with `python -m jobs.build_cache`.")
     reader = StoreReader(cfg.store.path, storage_options=cfg.store.storage_options or None, verify=cfg.store.verify)
     digest, fields = cache_fingerprint(cfg)
     if reader.fingerprint != digest:
-        diff = diff_fields(reader.fingerprint_fields or {}, fields)
+        diff = diff_fields(reader.fingerprint_fields or {}, fields, store_sources(reader.get_meta),
+                           fingerprint_sources(cfg))
         raise FingerprintError(
             f"store {cfg.store.path} holds targets for another config (fingerprint {reader.fingerprint} != {digest}); "
             f"differing fields (store != config): {'; '.join(diff) or 'format'}. Train with the settings the store "
