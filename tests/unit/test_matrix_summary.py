@@ -1,0 +1,38 @@
+"""jobs.summarize / kava_dist.matrix_summary: methods from run names, per-seed accuracies, examples seen, curves."""
+from __future__ import annotations
+
+import json
+
+from kava_dist.matrix_summary import collect, method_of, summary_json, write_summary
+
+
+def _run(root, name, correct, n=1000, passes=6.0, seen=2560, curve=((1280, 0.1), (2560, 0.4))):
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    (d / "adapter").mkdir()
+    (d / "config.yaml").write_text("train: {stage: student}\n")
+    (d / "eval" / "mult4x4.json").write_text(json.dumps({"summary": {
+        "accuracy": correct / n, "correct": correct, "n": n, "ci95": [0.0, 1.0], "forward_passes": passes,
+        "mode": "latent"}, "records": []}))
+    (d / "adapter" / "kava.json").write_text(json.dumps({"step": seen // 256, "examples_seen": seen}))
+    lines = [{"step": s // 256, "examples_seen": s, "samples_per_s": 100.0, "valid/accuracy": a} for s, a in curve]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_summary_groups_seeds_and_keeps_the_schema(tmp_path):
+    assert method_of("kava_s2") == ("kava", 2) and method_of("kava_online") == ("kava_online", None)
+    for name, c in (("kava_s0", 900), ("kava_s1", 920), ("codi_s0", 100), ("teacher", 995)):
+        _run(tmp_path, name, c, passes=100.0 if name == "teacher" else 6.0)
+    (tmp_path / "matrix.json").write_text(json.dumps({"jobs": [
+        {"name": "kava_s0", "argv": ["py", "-m", "jobs.train", "x"], "wall_s": 60.0},
+        {"name": "kava_s0.eval", "argv": [], "wall_s": 5.0}]}))
+    runs = collect(tmp_path)
+    s = summary_json(runs)
+    assert list(s) == ["teacher", "kava", "codi"]                     # the method order of the report
+    assert s["kava"] == {"accuracy": [0.9, 0.92], "passes_per_question": 6.0, "examples_seen": 2560}
+    assert s["teacher"]["passes_per_question"] == 100.0
+    paths = write_summary(runs, tmp_path / "out")
+    assert json.loads(paths["summary"].read_text()) == s
+    md = paths["markdown"].read_text()
+    assert "| kava | 2 | 91.0 ± 1.4 |" in md and "`kava_s0`: `-m jobs.train x`" in md
+    assert paths["curves"].stat().st_size > 1000
