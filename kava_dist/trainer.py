@@ -83,6 +83,14 @@ def open_store_checked(cfg: KavaConfig):
     return reader
 
 
+def fmt_eta(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -316,8 +324,10 @@ class Trainer:
                 post = dict(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{gn:.3g}",
                             samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.set_postfix(post)
-                if self.dist.is_main and not tty:
-                    log.info("step %d/%d %s", done, self.total_steps, " ".join(f"{k}={v}" for k, v in post.items()))
+                if self.dist.is_main and not tty:        # what the bar shows on a terminal: rate and ETA too
+                    rate = (done - self.start_step) / max(time.perf_counter() - t_start, 1e-9)
+                    log.info("step %d/%d %s steps_s=%.3g eta=%s", done, self.total_steps,
+                             " ".join(f"{k}={v}" for k, v in post.items()), rate, fmt_eta((end - done) / rate))
                 sums, tokens, n_steps, t0 = {}, 0, 0, time.perf_counter()
             bar.update(1)
             if tc.save_every and done % tc.save_every == 0 and done < self.total_steps:
