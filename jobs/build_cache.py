@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ def init_ray(cfg) -> dict:
     address = cfg.build.ray_address or os.environ.get("RAY_ADDRESS") or None
     if not address:     # a local Ray: every socket on 127.0.0.1 (read by Ray at import)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        local_auth_token()
     import ray
 
     if ray.is_initialized():
@@ -54,8 +56,19 @@ def init_ray(cfg) -> dict:
         kwargs = {"include_dashboard": False}
         if cfg.build.object_store_mb:
             kwargs["object_store_memory"] = cfg.build.object_store_mb << 20
-        ray.init(**kwargs)
+        ray.init(address="local", **kwargs)     # a new Ray, never a cluster that happens to run on this host
     return ray.cluster_resources()
+
+
+def local_auth_token() -> None:
+    """A local Ray keeps Ray's default token auth, with a token of its own in this process's environment (its Ray
+    processes inherit it). Without one, Ray would write a new ~/.ray/auth_token, and every later `ray start` on
+    this host would then require that token from `ray job submit`. A token the user configured (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) or RAY_AUTH_MODE=disabled is left as it is."""
+    if (os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN")
+            or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").exists()):
+        return
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def redacted(cfg_dict: dict) -> dict:
