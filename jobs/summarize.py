@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run under {root} has eval/{args.dataset}.json yet. Evaluate the runs first "
               "(python -m jobs.evaluate).", file=sys.stderr)
         return 2
-    for name, path in write_summary(runs, args.out, args.dataset).items():
+    for name, path in write_summary(runs, args.out, args.dataset, root).items():
         logging.getLogger("jobs.summarize").info("%s: %s", name, path)
     return 0
 

@@ -151,14 +151,27 @@ def plot_curves(runs: list[dict], out_png: str | Path, dataset: str = "valid") -
     return out_png
 
 
-def write_summary(runs: list[dict], out_dir: str | Path, dataset: str = "mult4x4") -> dict[str, Path]:
+def stage_table(root: str | Path) -> str:
+    """Every job of the matrix (training, evaluation, cache builds, commands): status and wall time."""
+    p = Path(root) / "matrix.json"
+    if not p.exists():
+        return ""
+    doc = json.loads(p.read_text())
+    lines = [f"Matrix wall time {doc.get('elapsed_s', 0):.0f} s, up to {doc.get('slots')} jobs at once.", "",
+             "| job | status | wall (s) |", "|---|---|---:|"]
+    lines += [f"| {j['name']} | {j['status']} | {_fmt_s(j.get('wall_s'))} |" for j in doc.get("jobs", [])]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(runs: list[dict], out_dir: str | Path, dataset: str = "mult4x4",
+                  root: str | Path | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"summary": out_dir / "summary.json", "details": out_dir / "details.json",
              "markdown": out_dir / "summary.md", "curves": out_dir / "curves.png"}
     paths["summary"].write_text(json.dumps(summary_json(runs), indent=1) + "\n")
     paths["details"].write_text(json.dumps(runs, indent=1) + "\n")
-    paths["markdown"].write_text(summary_markdown(runs, dataset))
+    paths["markdown"].write_text(summary_markdown(runs, dataset) + ("\n" + stage_table(root) if root else ""))
     plot_curves(runs, paths["curves"], dataset=f"{dataset} valid")
     return paths
 
