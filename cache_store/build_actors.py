@@ -13,12 +13,7 @@ rate with the node's cores instead. The compute worker runs two tasks at a time:
 device work (under a lock) while the other waits for shard i and copies it to the host, so the GPU never waits
 for the host. Arrays travel through Ray's object store as numpy (zero-copy for the writer on the same node).
 
-Fault injection (tests), KAVA_BUILD_FAULT = comma-separated list of:
-    kill_mid_write:SHARD   SIGKILL the writer after the first array of SHARD is written, once per
-                           KAVA_BUILD_FAULT_DIR (a marker file makes it one-time)
-    fail_shard:SHARD       raise in the processor step of SHARD, every time
-    slow:SECONDS           sleep SECONDS inside the compute lock of every shard (a slow GPU)
-KAVA_BUILD_FAULT, KAVA_BUILD_FAULT_DIR and CACHE_STORE_FAULT are forwarded from the driver to the actors.
+Fault injection for tests (KAVA_BUILD_FAULT, CACHE_STORE_FAULT): see cache_store/faults.py.
 """
 from __future__ import annotations
 
@@ -26,34 +21,13 @@ import os
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-FORWARDED_ENV = ("KAVA_BUILD_FAULT", "KAVA_BUILD_FAULT_DIR", "CACHE_STORE_FAULT")
-
-
-def faults() -> dict[str, str]:
-    out = {}
-    for part in filter(None, os.environ.get("KAVA_BUILD_FAULT", "").split(",")):
-        name, _, arg = part.strip().partition(":")
-        out[name] = arg
-    return out
-
-
-def _arm_kill(shard_id: int) -> bool:
-    """kill_mid_write: make the store writer SIGKILL this process after the shard's first array (once)."""
-    arg = faults().get("kill_mid_write")
-    if arg is None or int(arg) != shard_id:
-        return False
-    marker = Path(os.environ.get("KAVA_BUILD_FAULT_DIR", "/tmp")) / f"kava_fault_shard{shard_id}"
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    os.environ["CACHE_STORE_FAULT"] = f"kill_after_first_array:{shard_id}"
-    return True
+from cache_store.faults import FORWARDED_ENV  # noqa: F401  (re-exported for builder.py)
+from cache_store.faults import arm_kill_mid_write as _arm_kill
+from cache_store.faults import build_faults as faults
 
 
 def quarantine_meta_name(shard_id: int) -> str:

@@ -36,8 +36,6 @@ import json
 import logging
 import os
 import re
-import signal
-import sys
 import time
 from typing import Any, Mapping
 
@@ -48,6 +46,7 @@ from cache_store._util import diff_fields, format_diff, hostname, json_roundtrip
 from cache_store.backend import Backend, open_backend
 from cache_store.claims import ClaimManager
 from cache_store.errors import FingerprintMismatch, LedgerConflict, ShardClaimed, SpecMismatch
+from cache_store.faults import store_fault
 from cache_store.ledger import Ledger, ShardRecord, StoreRecord, StoreView, shard_record_path
 from cache_store.quant import bf16_bits_to_float32, quantize
 from cache_store.spec import FLOAT_DTYPES, FieldSpec, StoreSpec
@@ -113,22 +112,6 @@ def _finite_check(field: FieldSpec, arr: np.ndarray) -> None:
             f"field {field.name!r} has NaN/Inf in rows {rows[:10].tolist()}{'...' if len(rows) > 10 else ''} "
             "of this shard; drop or quarantine those examples before writing (put_meta can record them)"
         )
-
-
-def _fault(point: str, shard_id: int) -> None:
-    spec = os.environ.get("CACHE_STORE_FAULT", "")
-    if not spec:
-        return
-    name, _, arg = spec.partition(":")
-    if name == "sleep_after_claim" and point == "claimed":
-        time.sleep(float(arg or 1.0))
-    if point == "first_array" and name in ("pause_after_first_array", "kill_after_first_array"):
-        if arg and int(arg) != shard_id:
-            return
-        print(f"CACHE_STORE_FAULT {name} shard={shard_id} pid={os.getpid()}", file=sys.stderr, flush=True)
-        if name == "kill_after_first_array":
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(600)
 
 
 class StoreWriter(StoreView):
@@ -281,7 +264,7 @@ class StoreWriter(StoreView):
             return done
         claim = self.claims.acquire(shard_id)
         try:
-            _fault("claimed", shard_id)
+            store_fault("claimed", shard_id)
             done = self._existing_or_conflict(shard_id, content_sha)  # finished while we waited for the claim?
             if done is not None:
                 return done
@@ -293,7 +276,7 @@ class StoreWriter(StoreView):
                 self.backend.prepare_rewrite(*key.rsplit("/", 1))
                 write_shard_block(self._arrays[arr.path], shard_id, self.shard_size, blocks[arr.path])
                 if i == 0:
-                    _fault("first_array", shard_id)
+                    store_fault("first_array", shard_id)
             for arr in self.spec.stored_arrays():
                 self.backend.sync_file(shard_file_key(arr, shard_id))
             checksum, nbytes, per = shard_checksums(self.backend, self.spec, shard_id)

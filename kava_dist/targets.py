@@ -19,17 +19,17 @@ finishes shard i and the GPU never waits for the host.
 cluster, or `build.num_actors` CPU actors (default 1) when it has none.
 
 Fault injection (tests): KAVA_BUILD_FAULT containing "nan_example:ID" makes the teacher's K of example ID
-non-finite, so that example is quarantined (see cache_store/builder.py for the other faults).
+non-finite, so that example is quarantined (cache_store/faults.py lists every fault hook).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import traceback
 
 import torch
 
+from cache_store.faults import nan_example_ids
 from kava_dist.config import KavaConfig, config_from_dict
 from kava_dist.prompts import Encoded, collate
 
@@ -91,15 +91,6 @@ def plan_actors(resources: dict, build) -> tuple[int, float]:
     return max(1, build.num_actors), 0.0
 
 
-def _nan_fault_ids() -> set[int]:
-    ids = set()
-    for part in os.environ.get("KAVA_BUILD_FAULT", "").split(","):
-        name, _, arg = part.strip().partition(":")
-        if name == "nan_example" and arg:
-            ids.add(int(arg))
-    return ids
-
-
 def plan_shards(encoded: list[Encoded], shard_size: int) -> dict[int, list[Encoded]]:
     """Contiguous chunks of the data (deterministic), each sorted by teacher length (stable)."""
     n = math.ceil(len(encoded) / shard_size)
@@ -115,7 +106,7 @@ class TeacherTargets:
         self.cfg = config_from_dict(cfg_dict)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher, self.tokenizer, self.special = load_teacher(self.cfg.model, device=self.device)
-        self._nan_ids = _nan_fault_ids()
+        self._nan_ids = nan_example_ids()
         # finish() copies shards out on this stream (created here: two actor threads call finish concurrently)
         self._copy_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         self._warmup()

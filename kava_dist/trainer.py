@@ -16,16 +16,15 @@ Rank 0 logs each loss term (mean over the micro-batches of the steps since the l
 lr (the one the step used), grad norm (before clipping), samples/s, tokens/s (real teacher-sequence tokens) to
 out_dir/metrics.jsonl and TensorBoard (out_dir/tb), with a progress bar (steps/s, ETA). Checkpoints every
 `train.save_every` steps and at the end; `train.stop_at_step` ends early with a checkpoint (resume later).
-Testing hook: env KAVA_FAULT_KILL_AT_STEP=N makes every rank SIGKILL itself after step N is logged/saved.
+Testing hook: env KAVA_FAULT_KILL_AT_STEP=N makes every rank SIGKILL itself after step N is logged/saved
+(cache_store/faults.py holds every fault hook).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import random
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from cache_store import faults
 from kava_dist import engine as E
 from kava_dist.backbone import add_lora, load_adapter, load_backbone
 from kava_dist.config import KavaConfig, save_config
@@ -280,7 +280,7 @@ class Trainer:
         tty = sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not self.dist.is_main or not tty,
                    desc=f"train[{tc.stage}]", unit="step", dynamic_ncols=True)
-        fault = int(os.environ.get("KAVA_FAULT_KILL_AT_STEP", "0") or 0)
+        fault = faults.kill_at_step()
         self._prepare_metrics()
         history: list[dict] = []
         sums: dict[str, torch.Tensor] = {}
@@ -333,9 +333,7 @@ class Trainer:
             if tc.save_every and done % tc.save_every == 0 and done < self.total_steps:
                 self._save(done)
                 saved = done
-            if fault and done == fault:
-                log.warning("KAVA_FAULT_KILL_AT_STEP=%d: killing this process", fault)
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.maybe_kill_after_step(done, fault)
             if time_up:
                 final = done
                 if self.dist.is_main:
