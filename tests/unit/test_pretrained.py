@@ -135,3 +135,20 @@ def test_kava_base_refuses_a_base_of_another_width(tiny_paths, tmp_path):
     with pytest.raises(ValueError, match="does not fit this base"):
         kava_base(other, tmp_path / "run/adapter")
     assert json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())["modules_to_save"] == ["kava_prj"]
+
+
+def test_demo_shape_lora_student_on_a_full_finetune_base(tiny_paths, tmp_path, monkeypatch):
+    """`kava demo`: the teacher is a full fine-tune (its export holds kava's token rows and a kava_prj that
+    transformers skips); the student is LoRA on that export. README's lines load the student with its own
+    trained projection."""
+    from kava_testing import make_cfg
+
+    export_run(tiny_paths, tmp_path / "runs/demo/teacher", lora=False)
+    teacher_export = tmp_path / "runs/demo/teacher/adapter"
+    cfg_paths = {"llama": teacher_export}
+    cfg, model, tok, special = export_run(cfg_paths, tmp_path / "runs/demo/student")
+    assert make_cfg(teacher_export).model.name_or_path == str(teacher_export)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(readme_snippet(), ns)
+    torch.testing.assert_close(latents(ns["student"], tok, special, cfg), latents(model, tok, special, cfg))
