@@ -30,6 +30,7 @@ import yaml
 
 from kava_dist.config import KavaConfig, load_config, to_dict
 from kava_dist.evaluate import DATASET_LABELS, DATASET_ORDER, eval_mode, fmt_bytes, load_summaries, summary_markdown
+from kava_dist.guard import redact
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def write_run_report(run: Run, group: Group, figures: list[Path], notes: list[st
     lines += [f"- {n}" for n in notes] + [""]
     if any(p.name == "latent_decoding.md" for p in figures):
         lines += ["Decoded latents: each latent input through the LM head directly (no final norm).", ""]
-    lines += ["## Config", "", "```yaml", yaml.safe_dump(to_dict(run.cfg), sort_keys=False).rstrip(), "```", "",
+    lines += ["## Config", "", "```yaml", yaml.safe_dump(redact(to_dict(run.cfg)), sort_keys=False).rstrip(), "```", "",
               "## Teacher-target cache", ""] + fingerprint_section(run.cfg) + ["", "## Library versions", ""]
     lines += [f"- {k}: {v}" for k, v in versions().items()] + ["", "## Hardware (report host)", ""]
     lines += [f"- {k}: {v}" for k, v in hardware().items()]
@@ -297,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    runs = load_runs(args.runs)
+    from jobs._cli import REFUSED, refuse
+
+    try:
+        runs = load_runs(args.runs)
+    except REFUSED as e:   # one line naming the fix, exit code 2
+        raise SystemExit(refuse(e)) from None
     groups = group_runs(runs)
     by_key = {g.key: g for g in groups}
     reports = []

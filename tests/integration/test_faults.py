@@ -172,6 +172,14 @@ def test_malformed_lines_quarantined_and_too_many_refused(ws) -> None:
     except ValueError as e:
         observed, ok = str(e)[:100], "max_bad_fraction" in str(e) and "many_bad.jsonl:11" in str(e)
     record("5 of 15 lines malformed", "refused past data.max_bad_fraction, naming file:line", observed, ok)
+    out = ws["root"] / "run_many_bad"
+    rc, _, err, _ = job(["jobs.train", *ws["common"], f"data.train_path={many}", f"train.out_dir={out}",
+                         "train.stage=online", "train.max_steps=1"])
+    lines = error_lines(err)
+    record("training on that file", "rc 2, one line naming file:line; no run dir left",
+           f"rc {rc}: {lines[0][-70:] if lines else err[-150:]}; run dir left: {out.exists()}",
+           rc == 2 and len(lines) == 1 and "many_bad.jsonl:11" in lines[0] and "Traceback" not in err
+           and not out.exists())
 
 
 def test_resume_refuses_a_store_whose_rows_changed_and_redacts_secrets(ws) -> None:
