@@ -65,8 +65,11 @@ def collect(root: str | Path, dataset: str = "mult4x4") -> list[dict[str, Any]]:
         train = [r for r in metrics if "samples_per_s" in r]
         curve = [(r["examples_seen"], r["valid/accuracy"]) for r in metrics
                  if "valid/accuracy" in r and "examples_seen" in r]
+        # the answer's CE on the validation set (student/online: after the latents; nocot: after the question)
+        curve_ce = [(r["examples_seen"], r.get("valid/ce_student", r.get("valid/ce_answer"))) for r in metrics
+                    if "examples_seen" in r and ("valid/ce_student" in r or "valid/ce_answer" in r)]
         meta = json.loads((run / "adapter" / "kava.json").read_text()) if (run / "adapter" / "kava.json").exists() else {}
-        rec: dict[str, Any] = {"run": run.name, "method": method, "seed": seed, "curve": curve,
+        rec: dict[str, Any] = {"run": run.name, "method": method, "seed": seed, "curve": curve, "curve_ce": curve_ce,
                                "examples_seen": meta.get("examples_seen", train[-1]["examples_seen"] if train and
                                                          "examples_seen" in train[-1] else None),
                                "steps": meta.get("step"), "planned_steps": meta.get("planned_steps"),
@@ -130,20 +133,25 @@ def summary_markdown(runs: list[dict], dataset: str) -> str:
 
 
 def plot_curves(runs: list[dict], out_png: str | Path, dataset: str = "valid") -> Path:
-    fig, ax = plt.subplots(figsize=(8, 5))
+    """Left: exact accuracy on the validation questions; right: the answer's validation CE (student-side runs),
+    both against examples seen; one colour per method, seeds in lighter lines."""
+    fig, (ax, ax_ce) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(r["method"] for r in sorted(
         runs, key=lambda r: METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99)))
     for i, method in enumerate(methods):
-        for j, r in enumerate(r for r in runs if r["method"] == method and r["curve"]):
-            xs, ys = zip(*r["curve"])
-            ax.plot(xs, [100 * y for y in ys], color=colors[i % len(colors)], alpha=1.0 if j == 0 else 0.5,
-                    marker="o", markersize=2, label=method if j == 0 else None)
-    ax.set_xlabel("examples seen")
+        for axis, key, scale in ((ax, "curve", 100.0), (ax_ce, "curve_ce", 1.0)):
+            for j, r in enumerate(r for r in runs if r["method"] == method and r.get(key)):
+                xs, ys = zip(*r[key])
+                axis.plot(xs, [scale * y for y in ys], color=colors[i % len(colors)], alpha=1.0 if j == 0 else 0.5,
+                          marker="o", markersize=2, label=method if j == 0 else None)
     ax.set_ylabel(f"exact accuracy on {dataset} (%)")
     ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax_ce.set_ylabel(f"answer cross-entropy on {dataset} (nats/token)")
+    for axis in (ax, ax_ce):
+        axis.set_xlabel("examples seen")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="best", fontsize=8)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110, bbox_inches="tight")

@@ -15,7 +15,8 @@ def _run(root, name, correct, n=1000, passes=6.0, seen=2560, curve=((1280, 0.1),
         "accuracy": correct / n, "correct": correct, "n": n, "ci95": [0.0, 1.0], "forward_passes": passes,
         "mode": "latent"}, "records": []}))
     (d / "adapter" / "kava.json").write_text(json.dumps({"step": seen // 256, "examples_seen": seen}))
-    lines = [{"step": s // 256, "examples_seen": s, "samples_per_s": 100.0, "valid/accuracy": a} for s, a in curve]
+    lines = [{"step": s // 256, "examples_seen": s, "samples_per_s": 100.0, "valid/accuracy": a,
+              "valid/ce_student": 1.0 - a} for s, a in curve]
     (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
@@ -36,3 +37,4 @@ def test_summary_groups_seeds_and_keeps_the_schema(tmp_path):
     md = paths["markdown"].read_text()
     assert "| kava | 2 | 91.0 ± 1.4 |" in md and "`kava_s0`: `-m jobs.train x`" in md
     assert paths["curves"].stat().st_size > 1000
+    assert runs[[r["run"] for r in runs].index("kava_s0")]["curve_ce"] == [(1280, 0.9), (2560, 0.6)]
