@@ -100,6 +100,10 @@ class EvictionConfig:
     """When N_C < M: mask the extra slots out of the loss (mask) or regress them to zero (zero_target)."""
     seed: int = 0
     """Seed of the `random` eviction method."""
+    share: str = "none"
+    """Which heads one kept set serves: none (each layer and KV head keeps its own CoT positions, R-KV) | heads
+    (a layer's KV heads share the positions of their mean score) | all (every layer and head: each latent slot
+    then stands for one CoT token everywhere)."""
 
 
 @dataclass
@@ -320,6 +324,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "eviction.rope": ("post", "pre"),
     "eviction.gqa_pool": ("max", "mean"),
     "eviction.short_cot": ("mask", "zero_target"),
+    "eviction.share": ("none", "heads", "all"),
     "loss.kv_loss": ("smooth_l1", "mse", "l1"),
     "loss.kv_std": ("layer", "global", "none"),
     "loss.codi_loss": ("smooth_l1", "mse", "l1"),

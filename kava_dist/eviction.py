@@ -26,6 +26,11 @@ Usage::
     res.valid             # [B, H_kv, M] bool (False in the N_C < M slots by default)
     res.index             # [B, H_kv, M] int64 CoT positions, -1 where empty
 
+    # One selection for every KV head and layer of an example (eviction.share=all): pool, then select.
+    sc = score_tokens(kL, qL, cot_mask.repeat(L, 1), answer_mask.repeat(L, 1)).view(L, B, H, N)
+    res = evict(kL, vL, qL, cot_mask.repeat(L, 1), answer_mask.repeat(L, 1), 24,
+                score_BHN=shared_scores(sc, "all").flatten(0, 1))
+
     # All layers in one call: fold L into B (masks repeated L times).
     kL = k_LBHND.flatten(0, 1); qL = q_LBHAD.flatten(0, 1)
     res = evict(kL, vL, qL, cot_mask.repeat(L, 1), answer_mask.repeat(L, 1), 24)
@@ -191,8 +196,9 @@ def score_tokens(k, q_answer, cot_mask, answer_mask, lam=0.1, method="rkv", gqa_
 
 @torch.no_grad()
 def evict(k, v, q_answer, cot_mask, answer_mask, budget, lam=0.1, method="rkv", gqa_pool="max",
-          order="position", short_cot="mask", seed=0) -> EvictionResult:
-    """Keep top-min(budget, N_C) CoT entries per (b, kv head); see the module docstring."""
+          order="position", short_cot="mask", seed=0, score_BHN=None) -> EvictionResult:
+    """Keep top-min(budget, N_C) CoT entries per (b, kv head); see the module docstring. `score_BHN` replaces
+    the method's scores (e.g. scores pooled over heads and layers, `shared_scores`)."""
     _check_choice("order", order, ORDERS)
     _check_choice("short_cot", short_cot, SHORT_COT)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
@@ -200,7 +206,10 @@ def evict(k, v, q_answer, cot_mask, answer_mask, budget, lam=0.1, method="rkv", 
     if not isinstance(v, torch.Tensor) or v.shape != k.shape:
         raise ValueError(f"v shape {tuple(getattr(v, 'shape', ()))} must equal k shape "
                          f"{tuple(k.shape)} ([B, H_kv, N, D])")
-    score_BHN = score_tokens(k, q_answer, cot_mask, answer_mask, lam, method, gqa_pool, seed)
+    if score_BHN is None:
+        score_BHN = score_tokens(k, q_answer, cot_mask, answer_mask, lam, method, gqa_pool, seed)
+    elif tuple(score_BHN.shape) != tuple(k.shape[:3]):
+        raise ValueError(f"score_BHN {tuple(score_BHN.shape)} must be [B, H_kv, N] = {tuple(k.shape[:3])}")
     B, H, N, D = k.shape
     M = budget
     dev = k.device
@@ -231,3 +240,17 @@ def evict(k, v, q_answer, cot_mask, answer_mask, budget, lam=0.1, method="rkv", 
         v_sel = torch.where(f_BHM1, v.gather(2, gather_BHMD), v.new_zeros(()))
     valid_BHM = filled_BHM if short_cot == "mask" else torch.ones_like(filled_BHM)
     return EvictionResult(k_sel, v_sel, valid_BHM, index_BHM)
+
+
+SHARE = ("none", "heads", "all")
+
+
+def shared_scores(score_LBHN: torch.Tensor, share: str) -> torch.Tensor:
+    """Pool per-(layer, b, kv head) scores so that one selection serves several heads: `heads` = the mean over
+    a layer's KV heads, `all` = the mean over every layer and head; `none` leaves them. Pads stay -inf (every
+    head and layer of an example shares its CoT mask), so they are still never kept."""
+    _check_choice("share", share, SHARE)
+    if share == "none":
+        return score_LBHN
+    dims = (2,) if share == "heads" else (0, 2)
+    return score_LBHN.mean(dim=dims, keepdim=True).expand_as(score_LBHN)

@@ -92,6 +92,7 @@ def cache_fingerprint_fields(cfg: KavaConfig) -> dict[str, object]:
         "eviction.gqa_pool": e.gqa_pool,
         "eviction.short_cot": e.short_cot,
         "eviction.seed": e.seed if e.method == "random" else 0,
+        **({"eviction.share": e.share} if e.share != "none" else {}),   # absent = none: older stores still match
         "store.dtype": cfg.store.dtype,
     }
 

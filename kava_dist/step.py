@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kava_dist.config import EvictionConfig, KavaConfig
-from kava_dist.eviction import evict
+from kava_dist.eviction import evict, score_tokens, shared_scores
 from kava_dist.losses import codi_loss, kv_loss
 from kava_dist.prompts import Batch, SpecialIds
 from kava_dist.student import student_forward
@@ -63,9 +63,13 @@ def compute_targets(tout: TeacherOutput, ecfg: EvictionConfig, budget: int) -> T
     k_post = torch.stack([k.detach() for k in tout.k_post_LBHND]).flatten(0, 1)     # [L*B, H, N, D]
     v = torch.stack([x.detach() for x in tout.v_LBHND]).flatten(0, 1)
     q = torch.stack([x.detach() for x in tout.q_LBHAD]).flatten(0, 1)
-    res = evict(k_post, v, q, tout.cot_mask.repeat(L, 1), tout.ans_mask.repeat(L, 1), budget, lam=ecfg.lam,
-                method=ecfg.method, gqa_pool=ecfg.gqa_pool, order=ecfg.order, short_cot=ecfg.short_cot,
-                seed=ecfg.seed)
+    cot_LB, ans_LB = tout.cot_mask.repeat(L, 1), tout.ans_mask.repeat(L, 1)
+    scores = None
+    if ecfg.share != "none":   # one kept set per example (and layer), pooled over KV heads (and layers)
+        sc = score_tokens(k_post, q, cot_LB, ans_LB, ecfg.lam, ecfg.method, ecfg.gqa_pool, ecfg.seed)
+        scores = shared_scores(sc.view(L, B, *sc.shape[1:]), ecfg.share).flatten(0, 1)
+    res = evict(k_post, v, q, cot_LB, ans_LB, budget, lam=ecfg.lam, method=ecfg.method, gqa_pool=ecfg.gqa_pool,
+                order=ecfg.order, short_cot=ecfg.short_cot, seed=ecfg.seed, score_BHN=scores)
     k_sel = res.k_sel
     if ecfg.rope == "pre":  # score on post-RoPE keys, store pre-RoPE ones
         k_pre = torch.stack([k.detach() for k in tout.k_LBHND]).flatten(0, 1)

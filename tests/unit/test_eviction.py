@@ -395,3 +395,28 @@ def test_argument_errors_name_the_fix():
         evict(k, v, q, cot.long(), ans, 3)
     with pytest.raises(ValueError, match="lam"):
         evict(k, v, q, cot, ans, 3, lam=1.5)
+
+
+def test_shared_selection_keeps_one_set_of_positions_per_example():
+    """eviction.share=all: every layer and KV head of an example keeps the same CoT positions (the top of the
+    pooled score); heads: the same within a layer; none: R-KV's own per-head choice, which differs here."""
+    from kava_dist.eviction import shared_scores
+
+    torch.manual_seed(0)
+    L, B, H, N, D, M = 3, 2, 2, 10, 8, 4
+    k, v, q = torch.randn(L * B, H, N, D), torch.randn(L * B, H, N, D), torch.randn(L * B, 2 * H, 3, D)
+    cot = torch.ones(L * B, N, dtype=torch.bool)
+    cot[1::B, 7:] = False                                   # example 1 has a shorter CoT
+    ans = torch.ones(L * B, 3, dtype=torch.bool)
+    sc = score_tokens(k, q, cot, ans).view(L, B, H, N)
+    idx = {s: evict(k, v, q, cot, ans, M, score_BHN=shared_scores(sc, s).flatten(0, 1)).index.view(L, B, H, M)
+           for s in ("none", "heads", "all")}
+    assert torch.equal(idx["none"].flatten(0, 1), evict(k, v, q, cot, ans, M).index)
+    assert not (idx["none"] == idx["none"][:, :, :1]).all()
+    assert (idx["heads"] == idx["heads"][:, :, :1]).all() and not (idx["heads"] == idx["heads"][:1]).all()
+    assert (idx["all"] == idx["all"][:1, :, :1]).all()
+    assert (idx["all"][:, 1] < 7).all()                     # pads are never kept
+    pooled = sc.mean(dim=(0, 2))                            # the kept positions are the pooled top-M
+    for b in range(B):
+        top = torch.sort(pooled[b], descending=True, stable=True).indices[:M]
+        assert sorted(idx["all"][0, b, 0].tolist()) == sorted(top.tolist())

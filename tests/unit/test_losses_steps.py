@@ -170,3 +170,21 @@ def test_batch_with_only_empty_cots_trains_with_ce_and_codi(tiny_paths, family):
         t = compute_targets(teacher_forward(model, batch), cfg.eviction, cfg.latent.num_latents)
     assert not t.valid_BLHM.any() and (t.k_BLHMD == 0).all() and (t.index_BLHM == -1).all()
     assert t.k_BLHMD.shape[:2] == (3, len(parts(model)[1].layers))
+
+
+def test_targets_with_shared_eviction_keep_one_position_set_per_example(tiny_paths):
+    """eviction.share=all through compute_targets: each example's slots hold the same CoT positions in every
+    layer and KV head, and the fingerprint names the switch (stores built without it keep theirs)."""
+    from kava_dist.fingerprint import cache_fingerprint_fields
+
+    cfg, model, tok, special = build(tiny_paths, "qwen2", **{"eviction.share": "all"})
+    batch, enc = make_batch(tok, special)
+    with torch.no_grad():
+        tout = teacher_forward(model, batch)
+        shared = compute_targets(tout, cfg.eviction, cfg.latent.num_latents)
+        own = compute_targets(tout, build(tiny_paths, "qwen2")[0].eviction, cfg.latent.num_latents)
+    idx = shared.index_BLHM
+    assert (idx == idx[:, :1, :1]).all() and not (own.index_BLHM == own.index_BLHM[:, :1, :1]).all()
+    assert torch.equal(shared.valid_BLHM, own.valid_BLHM)
+    assert cache_fingerprint_fields(cfg)["eviction.share"] == "all"
+    assert "eviction.share" not in cache_fingerprint_fields(build(tiny_paths, "qwen2")[0])
