@@ -365,12 +365,13 @@ def test_failing_shard_reported_and_example_quarantined(clean, data, monkeypatch
 
 
 @pytest.mark.timeout(240)
-def test_fingerprint_mismatch_names_fields(clean, data, tmp_path, caplog):
+def test_fingerprint_mismatch_names_fields(clean, data, tmp_path, capsys):
     store = tmp_path / "copy"
     shutil.copytree(clean, store)
     assert run_main(data, store, "eviction.lam=0.5", "latent.num_latents=5") == 2
-    assert "eviction.lam" in caplog.text and "latent.num_latents" in caplog.text
-    assert "fingerprint" in caplog.text and "new store path" in caplog.text.lower()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]   # one line, rc 2
+    assert len(err) == 1 and "eviction.lam" in err[0] and "latent.num_latents" in err[0]
+    assert "fingerprint" in err[0] and "new store path" in err[0].lower()
     assert_same_store(clean, store)
 
 
