@@ -82,6 +82,10 @@ class LatentConfig:
     """Dropout in front of the projection MLP (CODI uses one; PCCoT does not)."""
     fix_masks: bool = True
     """Pass correct attention masks and position ids in the Jacobi passes (PCCoT omits them; deviation D2)."""
+    cot_curriculum_steps: int = 0
+    """A CoT curriculum (DEVIATIONS.md D26; 0 = off, the paper): during the first N optimizer steps the student
+    also writes the teacher's CoT between <eot> and the answer prompt, minus its first r tokens, r growing
+    linearly from 0 to the longest CoT; the latents take over what is removed. KV and CODI targets unchanged."""
 
 
 @dataclass
@@ -527,7 +531,8 @@ def validate(cfg: KavaConfig) -> None:
     nonneg = ["build.writers_per_actor", "build.writes_in_flight", "build.writer_threads", "build.cpus_per_writer", "loss.student_ce", "loss.teacher_ce", "loss.offline_teacher_ce", "loss.alpha_codi", "loss.alpha_kv", "train.lr",
               "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit",
               "train.stop_at_step", "train.keep_checkpoints", "train.save_every", "train.eval_every",
-              "train.group_by_length", "train.time_limit_min", "eval.valid_questions"]
+              "train.group_by_length", "train.time_limit_min", "eval.valid_questions",
+              "latent.cot_curriculum_steps"]
     for name in nonneg:
         if get_field(cfg, name) < 0:
             raise ConfigError(f"{name}={get_field(cfg, name)} must be >= 0.")

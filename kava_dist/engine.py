@@ -193,6 +193,7 @@ class StageModule(torch.nn.Module):
         if stage not in ("teacher", "student", "online", "nocot"):
             raise ValueError(f"train.stage={stage!r} is not one of teacher, student, online, nocot.")
         self.model, self.stage, self.special, self.cfg = model, stage, special, cfg
+        self.cot_removed: int | None = None     # the CoT curriculum's step, set by the trainer (None = off)
 
     def forward(self, batch, targets=None) -> dict:
         from kava_dist.step import nocot_step, offline_step, online_step, teacher_step
@@ -202,8 +203,8 @@ class StageModule(torch.nn.Module):
         if self.stage == "nocot":
             return nocot_step(self.model, batch)
         if self.stage == "online":
-            return online_step(self.model, batch, self.special, self.cfg)
-        return offline_step(self.model, batch, self.special, targets, self.cfg)
+            return online_step(self.model, batch, self.special, self.cfg, self.cot_removed)
+        return offline_step(self.model, batch, self.special, targets, self.cfg, self.cot_removed)
 
 
 def compile_decoder_layers(model, dynamic: bool = True) -> int:

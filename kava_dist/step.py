@@ -82,11 +82,14 @@ def compute_targets(tout: TeacherOutput, ecfg: EvictionConfig, budget: int) -> T
     return Targets(unfold(k_sel), unfold(res.v_sel), unfold(res.valid), tout.hidden_BLd.detach(), unfold(res.index))
 
 
-def kava_terms(model, batch: Batch, special: SpecialIds, targets: Targets | None, cfg: KavaConfig) -> dict:
-    """Student forward and its loss terms: student_ce * CE + alpha_codi * CODI + alpha_kv * KV."""
+def kava_terms(model, batch: Batch, special: SpecialIds, targets: Targets | None, cfg: KavaConfig,
+               cot_removed: int | None = None) -> dict:
+    """Student forward and its loss terms: student_ce * CE + alpha_codi * CODI + alpha_kv * KV. `cot_removed`:
+    the CoT curriculum's current step (student.cot_removed_at); None = the paper's sequence."""
     lc = cfg.loss
     need_hidden = lc.alpha_codi > 0 and targets is not None
-    out = student_forward(model, batch, special, cfg.latent, rope=cfg.eviction.rope, with_hidden=need_hidden)
+    out = student_forward(model, batch, special, cfg.latent, rope=cfg.eviction.rope, with_hidden=need_hidden,
+                          cot_removed=cot_removed)
     terms = {"ce_student": out.ce}
     loss = lc.student_ce * out.ce
     if targets is not None and lc.alpha_kv > 0:
@@ -100,20 +103,21 @@ def kava_terms(model, batch: Batch, special: SpecialIds, targets: Targets | None
     return terms
 
 
-def online_step(model, batch: Batch, special: SpecialIds, cfg: KavaConfig) -> dict:
+def online_step(model, batch: Batch, special: SpecialIds, cfg: KavaConfig, cot_removed: int | None = None) -> dict:
     """The paper's joint step: teacher pass with grad (CE on CoT + answer), targets detached and evicted on the
     fly, then the student passes on the same weights."""
     tout = teacher_forward(model, batch, rope=cfg.eviction.rope, with_ce=True)
     targets = compute_targets(tout, cfg.eviction, cfg.latent.num_latents)
-    terms = kava_terms(model, batch, special, targets, cfg)
+    terms = kava_terms(model, batch, special, targets, cfg, cot_removed)
     terms["ce_teacher"] = tout.ce
     terms["loss"] = terms["loss"] + cfg.loss.teacher_ce * tout.ce
     return terms
 
 
-def offline_step(model, batch: Batch, special: SpecialIds, targets: Targets, cfg: KavaConfig) -> dict:
+def offline_step(model, batch: Batch, special: SpecialIds, targets: Targets, cfg: KavaConfig,
+                 cot_removed: int | None = None) -> dict:
     """The cached path: targets from the store; an optional teacher CE on the student's own weights."""
-    terms = kava_terms(model, batch, special, targets, cfg)
+    terms = kava_terms(model, batch, special, targets, cfg, cot_removed)
     if cfg.loss.offline_teacher_ce > 0:
         ce = teacher_forward(model, batch, with_ce=True, capture=False).ce
         terms["ce_teacher"] = ce

@@ -149,8 +149,25 @@ def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentC
     return prefix, out, z_BMd
 
 
+def cot_tail(batch: Batch, removed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CoT after its first `removed` tokens, per row, left-padded to one width (ids [B, W], mask [B, W]):
+    placed between <eot> and the answer prompt, it keeps the prompt at one column for every row."""
+    keep_BW, keep_mask_BW = batch.cot_ids[:, removed:], batch.cot_mask[:, removed:]
+    W = keep_BW.shape[1]
+    if W == 0:
+        return keep_BW, keep_mask_BW
+    shift_B = W - keep_mask_BW.sum(1)                      # right-padded -> left-padded: move row b by shift_B[b]
+    col_BW = torch.arange(W, device=keep_BW.device)[None] - shift_B[:, None]
+    mask_BW = col_BW >= 0
+    ids_BW = keep_BW.gather(1, col_BW.clamp(min=0))
+    return ids_BW.masked_fill(~mask_BW, 0), mask_BW
+
+
 def student_forward(model, batch: Batch, special: SpecialIds, latent: LatentConfig, rope: str = "post",
-                    with_hidden: bool = True) -> StudentOutput:
+                    with_hidden: bool = True, cot_removed: int | None = None) -> StudentOutput:
+    """The student's passes and answer CE. `cot_removed` (the CoT curriculum, latent.cot_curriculum_steps): the
+    CoT after its first `cot_removed` tokens is written between <eot> and the answer prompt and trained with the
+    answer's CE; None (or a count that removes every CoT token) is the paper's sequence."""
     lm, _, _ = parts(model)
     B, Q = batch.q_ids.shape
     M = latent.num_latents
@@ -160,22 +177,44 @@ def student_forward(model, batch: Batch, special: SpecialIds, latent: LatentConf
     v_BLHMD = torch.stack([v for _, v in kv], dim=1)
     if rope == "pre":
         k_BLHMD = torch.stack(last.pre_k, dim=1)
-    # 3. answer pass: <eot> + prompt + answer, on the T-th pass's cache
+    # 3. answer pass: <eot> [+ CoT tail] + prompt + answer, on the T-th pass's cache
     dev = batch.q_ids.device
     eot = torch.full((B, 1), special.eot, dtype=torch.long, device=dev)
-    ans_in = torch.cat([eot, batch.ans_ids], dim=1)
-    ans_mask = torch.cat([torch.ones_like(eot, dtype=torch.bool), batch.ans_mask], dim=1)
+    tail_ids, tail_mask = (cot_tail(batch, cot_removed) if cot_removed is not None
+                           else (batch.cot_ids[:, :0], batch.cot_mask[:, :0]))
+    W = tail_ids.shape[1]
+    ans_in = torch.cat([eot, tail_ids.masked_fill(~tail_mask, special.pad), batch.ans_ids], dim=1)
+    ans_mask = torch.cat([torch.ones_like(eot, dtype=torch.bool), tail_mask, batch.ans_mask], dim=1)
     full_mask = torch.cat([prefix.lat_mask, ans_mask], dim=1)
     ans_pos = prefix.qlen[:, None] + 1 + M + torch.arange(ans_in.shape[1], device=dev)[None]
+    if W:   # pads inside the segment take no position
+        ans_pos = prefix.qlen[:, None] + M + ans_mask.long().cumsum(1)
     if not latent.fix_masks:
         ans_pos = Q + 1 + M + torch.arange(ans_in.shape[1], device=dev)[None].expand(B, -1)
     out = passes_for(model).run(_embed(lm, ans_in), full_mask, ans_pos, last.kv, lm_head=True,
-                                hidden_col=batch.prompt_len if with_hidden else None)   # ":" is at prompt_len
+                                hidden_col=W + batch.prompt_len if with_hidden else None)   # ":" of the prompt
     logits = out.logits_BSV
-    labels = batch.ans_ids.masked_fill(~batch.ans_mask, -100)
-    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    if not W:
+        labels = batch.ans_ids.masked_fill(~batch.ans_mask, -100)
+        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=-100)
+    else:   # each tail/answer token predicted from the previous real column (pads sit between <eot> and the tail)
+        from kava_dist.teacher import _prev_real_columns
+
+        prev_BS = _prev_real_columns(ans_mask)[:, 1:]
+        valid_BS = ans_mask[:, 1:]
+        rows_BS = torch.arange(B, device=dev)[:, None].expand_as(prev_BS)
+        ce = F.cross_entropy(logits[rows_BS[valid_BS], prev_BS[valid_BS]].float(), ans_in[:, 1:][valid_BS])
     return StudentOutput(ce=ce, logits_BAV=logits, k_BLHMD=k_BLHMD, v_BLHMD=v_BLHMD, hidden_BLd=out.hidden_BLd,
                          latents_BMd=z_BMd)
+
+
+def cot_removed_at(step: int, curriculum_steps: int, cot_tokens: int) -> int | None:
+    """CoT tokens removed from the student's text at optimizer step `step` (0-based) of a linear curriculum that
+    removes all `cot_tokens` over `curriculum_steps` steps; None once all are gone (or with no curriculum)."""
+    if curriculum_steps <= 0 or step >= curriculum_steps or cot_tokens <= 0:
+        return None
+    return min(cot_tokens, (step * cot_tokens) // curriculum_steps)
 
 
 def _pre_rope_capture(model, captured: dict[int, torch.Tensor]):

@@ -44,6 +44,7 @@ from kava_dist.fused import apply_fused
 from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for
 from kava_dist.prompts import check_data_file, collate, encode_examples, load_examples, load_training_set
 from kava_dist.run import RunDir
+from kava_dist.student import cot_removed_at
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Trainer:
         if dist.is_main:
             log.info("student passes: model.fused_kernels=%s -> %s", cfg.model.fused_kernels, fused)
         encoded, report = load_training_set(cfg.data, self.tokenizer)
+        self.cot_tokens = max((len(e.cot_ids) for e in encoded), default=0)   # the CoT curriculum removes these
         if dist.is_main:
             log.info("data: %s", report.summary())
             (self.rd.root / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
@@ -259,6 +261,8 @@ class Trainer:
         rec = {"step": step, "examples_seen": step * self.cfg.train.global_batch,
                "epoch": step / max(1, self.plan.steps_per_epoch), "lr": lr, "grad_norm": gn}
         rec.update({k: float(v) for k, v in zip(keys, vals[:-1])})
+        if self.cfg.latent.cot_curriculum_steps and self.cfg.train.stage in ("student", "online"):
+            rec["cot_removed"] = self.module.cot_removed if self.module.cot_removed is not None else self.cot_tokens
         rec.update(samples_per_s=n_steps * self.cfg.train.global_batch / dt, tokens_per_s=vals[-1] / dt,
                    steps_per_s=n_steps / dt, time=time.time(), **extra)
         if self.dist.is_main:
@@ -288,7 +292,10 @@ class Trainer:
         lr, gn, saved = float("nan"), float("nan"), self.start_step
         limit_s, t_start, final = 60.0 * tc.time_limit_min, time.perf_counter(), self.total_steps
         self.engine.train()
+        curriculum = tc.stage in ("student", "online") and self.cfg.latent.cot_curriculum_steps > 0
         for step, micro, batch, targets in self.loader.iterate(self.start_step, end):
+            if curriculum:   # a function of the step alone, so a resumed run continues the schedule
+                self.module.cot_removed = cot_removed_at(step, self.cfg.latent.cot_curriculum_steps, self.cot_tokens)
             tokens += batch.num_tokens
             batch = batch.to(self.dist.device, non_blocking=True)     # pinned by the loader: no host stall
             if targets is not None:

@@ -271,7 +271,8 @@ def test_full_finetune_through_every_stage_with_curves_and_time_limit(ws):
     init = f"model.student_init_adapter={teacher / 'adapter'}"
     for stage, extra in (("student", [f"store.path={ws['store']}", "train.time_limit_min=1e-6", "train.max_steps=50",
                                       "train.final_checkpoint=false"]),
-                         ("online", ["train.max_steps=2"]), ("nocot", ["train.max_steps=2"])):
+                         ("online", ["train.max_steps=2", "latent.cot_curriculum_steps=2"]),
+                         ("nocot", ["train.max_steps=2"])):
         out = ws["root"] / f"full_{stage}"
         _, text = run([PY, "-m", "jobs.train", *ws["common"], *full, f"train.stage={stage}", init, *extra,
                        f"train.out_dir={out}"], ws["root"] / f"full_{stage}.log")
@@ -280,6 +281,9 @@ def test_full_finetune_through_every_stage_with_curves_and_time_limit(ws):
         assert curve and all(0.0 <= r["valid/accuracy"] <= 1.0 and r["valid/questions"] == 4 for r in curve)
         assert [r["examples_seen"] for r in m] == [r["step"] * 8 for r in m]
         meta = json.loads((out / "adapter" / "kava.json").read_text())
+        if stage == "online":    # the CoT curriculum: 0 tokens removed at step 0, half of the longest CoT at step 1
+            n = max(len(json.loads(ln)["cot"].split()) for ln in open(data))
+            assert [r["cot_removed"] for r in m] == [0, m[1]["cot_removed"]] and 0 < m[1]["cot_removed"] < 8 * n
         if stage == "student":   # the time limit ended it at the first step, as a finished run
             assert "train.time_limit_min=1e-06 reached at step 1 of 50" in text
             assert meta["step"] == 1 and meta["examples_seen"] == 8 and meta["planned_steps"] == 50

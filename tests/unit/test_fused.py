@@ -114,3 +114,24 @@ def test_cached_token_indices_keep_peft_arithmetic(tiny_paths):
     assert g_fast and all(torch.equal(g_fast[n], p.grad) for n, p in emb.named_parameters() if p.grad is not None)
     base = next(m.base_layer.weight for m in layers if isinstance(m.base_layer, torch.nn.Embedding))
     assert not torch.allclose(out, torch.nn.functional.embedding(ids, base))     # the deltas are in use
+
+
+def test_fused_student_with_cot_tail_matches_hf_path(tiny_paths):
+    """The CoT curriculum's answer pass (pads between <eot> and the tail) runs the same in the fused layer."""
+    from kava_testing import build, make_batch
+
+    cfg, ref, tok, special = build(tiny_paths, "llama")
+    _, fused, _, _ = build(tiny_paths, "llama")
+    apply_fused(fused, "eager", "cpu")
+    batch, _ = make_batch(tok, special)
+    outs = []
+    for model in (ref, fused):
+        model.zero_grad(set_to_none=True)
+        out = student_forward(model, batch, special, cfg.latent, cot_removed=2)
+        (out.ce + out.hidden_BLd.pow(2).mean()).backward()
+        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (o_ref, g_ref), (o_f, g_f) = outs
+    torch.testing.assert_close(o_f.ce, o_ref.ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o_f.hidden_BLd, o_ref.hidden_BLd, rtol=1e-5, atol=1e-6)
+    for n in g_ref:
+        torch.testing.assert_close(g_f[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -202,3 +202,33 @@ def test_sdpa_backends_are_set_by_loading(tiny_paths):
         for on, fn in zip(saved, (b.enable_flash_sdp, b.enable_mem_efficient_sdp, b.enable_cudnn_sdp,
                                   b.enable_math_sdp)):
             fn(on)
+
+
+def test_cot_curriculum_tail_is_padding_independent_and_vanishes(tiny_paths, family):
+    """latent.cot_curriculum_steps: the CoT after its first r tokens sits between <eot> and the prompt, left-padded
+    so the prompt column is shared; each row's CE equals that row alone, and removing every CoT token gives the
+    paper's answer pass bit for bit."""
+    from kava_dist.student import cot_removed_at, cot_tail
+
+    cfg, model, tok, special = build(tiny_paths, family)
+    model.eval()
+    batch, enc = make_batch(tok, special)
+    C = batch.cot_ids.shape[1]
+    ids, mask = cot_tail(batch, 3)
+    for i, e in enumerate(enc):
+        assert ids[i][mask[i]].tolist() == e.cot_ids[3:]           # the row's own tail, at the right edge
+    with torch.no_grad():
+        plain = student_forward(model, batch, special, cfg.latent)
+        gone = student_forward(model, batch, special, cfg.latent, cot_removed=C)
+        assert torch.equal(plain.ce, gone.ce) and torch.equal(plain.hidden_BLd, gone.hidden_BLd)
+        out = student_forward(model, batch, special, cfg.latent, cot_removed=3)
+        tokens = [len(e.cot_ids[3:]) + len(e.prompt_ids) + len(e.answer_ids) for e in enc]
+        alone = [student_forward(model, collate([e], special.pad), special, cfg.latent, cot_removed=3)
+                 for e in enc]
+    ref = sum(a.ce * n for a, n in zip(alone, tokens)) / sum(tokens)
+    torch.testing.assert_close(out.ce, ref, rtol=1e-4, atol=1e-5)
+    for i, a in enumerate(alone):                                  # CODI's ":" column is found in every row
+        torch.testing.assert_close(out.hidden_BLd[i], a.hidden_BLd[0], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(out.ce, plain.ce)
+    assert [cot_removed_at(s, 4, 10) for s in range(6)] == [0, 2, 5, 7, None, None]
+    assert cot_removed_at(3, 0, 10) is None
