@@ -11,7 +11,8 @@ Usage:
 Sequence (spec section 3): [BOS question (left-padded) | <bot> | <latent> x M | <eot> | prompt answer EOS].
 1. prefix pass over question + <bot> + M placeholders; z0 = prj(h[<bot> .. latent_{M-2}]) (the AR shift);
 2. T Jacobi passes, each from the same question cache: z_t = [z_{t-1}[:, :1], prj(h_t[:, :-1])];
-3. answer pass over <eot> + answer on top of the T-th pass's cache.
+3. answer pass over <eot> + answer on top of the T-th pass's cache (with `latent.cot_curriculum_steps`, the CoT
+   minus its first r tokens sits between <eot> and the prompt while the curriculum lasts: `cot_removed`).
 With `latent.fix_masks` (default) the latent passes get the real attention mask and pad-free position ids;
 off reproduces PCCoT (no mask, column positions). Gradients flow through every pass (no detach).
 Each pass goes through `passes_for(model).run(...)`: the HF/peft modules (HFPasses), or in training, when
@@ -29,7 +30,7 @@ from transformers import DynamicCache
 from kava_dist.backbone import parts
 from kava_dist.config import LatentConfig
 from kava_dist.prompts import Batch, SpecialIds
-from kava_dist.teacher import positions_from_mask
+from kava_dist.teacher import _prev_real_columns, positions_from_mask
 
 
 @dataclass
@@ -199,8 +200,6 @@ def student_forward(model, batch: Batch, special: SpecialIds, latent: LatentConf
         ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                              ignore_index=-100)
     else:   # each tail/answer token predicted from the previous real column (pads sit between <eot> and the tail)
-        from kava_dist.teacher import _prev_real_columns
-
         prev_BS = _prev_real_columns(ans_mask)[:, 1:]
         valid_BS = ans_mask[:, 1:]
         rows_BS = torch.arange(B, device=dev)[:, None].expand_as(prev_BS)
