@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from kava_dist.config import KavaConfig, TrainConfig, load_config, save_config, to_dict
-from kava_dist.guard import confine, disk_full, redact
+from kava_dist.guard import Refusal, confine, disk_full, redact
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +404,47 @@ def save_checkpoint(engine, run_dir: Path, step: int, cfg: KavaConfig, extra: di
     return ckpt / tag
 
 
+def check_shared_out_dir(root: Path) -> None:
+    """Refuse a train.out_dir the ranks do not all see (node-local disks): rank 0 writes a random token into it,
+    every rank reads it back, and the verdicts are gathered (torch.distributed, i.e. DeepSpeed's process group).
+    Without this, DeepSpeed writes `latest` and rank 0's partitions on one node and the other ranks' partitions
+    on theirs, and --resume fails later. A world of one passes at once."""
+    import secrets
+
+    import torch.distributed as tdist
+
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    tdist.broadcast_object_list(token, src=0)
+    mark = Path(root) / f".shared-check-{token[0]}"
+    if rank == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        mark.write_text(token[0])
+    tdist.barrier()
+    try:
+        seen = mark.read_text() == token[0]
+    except OSError:
+        seen = False
+    views: list = [None] * world
+    tdist.all_gather_object(views, (seen, socket.gethostname()))
+    if rank == 0:
+        mark.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise Refusal(f"train.out_dir={root} is not shared between the ranks ({', '.join(blind)} cannot see the file "
+                      "rank 0 wrote there), so checkpoints would be split between nodes: put train.out_dir on a "
+                      "filesystem every node mounts at the same path (docs/CLUSTER.md).")
+
+
+def checkpoint_world_size(tag_dir: Path) -> int | None:
+    """The data-parallel world size a checkpoint was written with, from DeepSpeed's own files: one
+    `*zero_pp_rank_R_mp_rank_00_optim_states.pt` per rank under ZeRO 1-3 (None when there are none, ZeRO-0)."""
+    ranks = {p.name.split("zero_pp_rank_")[1].split("_")[0] for p in Path(tag_dir).glob("*zero_pp_rank_*_optim_states.pt")}
+    return len(ranks) or None
+
+
 def load_checkpoint(engine, run_dir: Path, cfg: KavaConfig, tag: str | None = None) -> tuple[int, dict]:
     """Restore module, optimizer, scheduler, RNG and step from checkpoints/latest (or `tag`), after checking
     that the saved config equals this one outside RESUMABLE and that the world size is the same."""
@@ -425,6 +466,12 @@ def load_checkpoint(engine, run_dir: Path, cfg: KavaConfig, tag: str | None = No
     if diff:
         raise ValueError(f"cannot resume {ckpt / tag}: the config differs in {'; '.join(diff)}. Resume with the run's "
                          f"own config ({ckpt / tag / 'config.yaml'}) or start a new train.out_dir.")
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    saved_world = checkpoint_world_size(ckpt / tag)
+    if saved_world is not None and saved_world != world:    # before DeepSpeed, whose own refusal is a traceback
+        raise Refusal(f"{ckpt / tag} was written by {saved_world} processes, this run has {world}: resume with "
+                      f"{saved_world} processes (the same world size; the global batch and data order do not "
+                      "depend on it, the ZeRO optimizer partitions do).")
     _, client = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt / tag}.")

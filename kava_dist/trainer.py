@@ -106,6 +106,7 @@ class Trainer:
             raise ValueError("train.stop_at_step, train.keep_checkpoints and train.save_every must be >= 0 and "
                              "train.log_every >= 1.")
         self.rd = RunDir(tc.out_dir)
+        E.check_shared_out_dir(self.rd.root)   # before any rank reads the run: one view of out_dir on every node
         ckpt_latest = self.rd.checkpoints / "latest"
         if not tc.resume and ckpt_latest.exists():
             raise FileExistsError(f"{self.rd.root} already holds a run (checkpoint {ckpt_latest.read_text().strip()}). "
