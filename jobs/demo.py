@@ -3,6 +3,7 @@
 Usage:
     kava demo                              # = python -m jobs.demo: synthetic task, tiny Llama from scratch
     kava demo --quick                      # every stage, a few steps each (CI)
+    kava demo --param student_steps=300 --param alpha_kv=2     # change a demo setting (FULL below lists them)
     kava demo --model PATH --data TRAIN.jsonl --test TEST.jsonl          # any local HF checkpoint (LoRA)
     kava demo --model DIR --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data ... --test ...
 
@@ -15,7 +16,13 @@ Stages (each prints the command that runs it on a cluster):
   6. nocot    the No-CoT baseline, same steps and batch as the student
   7. eval     Full-CoT teacher, KaVa student and No-CoT on the held-out questions (jobs.evaluate)
   8. report   report.md + figures per run (jobs.report)
-Ends with one table: accuracies, forward passes per question, store size and compression, and stage times.
+Each stage logs its expected seconds before it starts (a reference run's time per step x this run's steps x how
+much slower than the reference this machine has been so far); training logs carry steps/s and ETA.
+Ends with one table: accuracies, forward passes per question, store size and compression, and stage times;
+OUT/report/ gathers that table, jobs.report's tables and every run's report and figures (<run>_<file>).
+The synthetic defaults: 4 steps of + and - mod 10 with the running results as the CoT (kept whole, so the
+answer is the CoT's last digit), a 4-layer Llama (d=128) trained from scratch; student and No-CoT start from the
+teacher's weights with full fine-tuning (docs/DEVIATIONS.md, the demo's row).
 """
 from __future__ import annotations
 
@@ -32,8 +39,11 @@ if __package__ in (None, ""):
 
 log = logging.getLogger("kava.demo")
 
-FULL = dict(n_train=12000, n_test=300, teacher_steps=600, student_steps=150, batch=64, latents=8)
-QUICK = dict(n_train=800, n_test=40, teacher_steps=30, student_steps=6, batch=32, latents=6)
+FULL = dict(n_train=12000, n_test=300, n_ops=4, ops="+-", cot="results", drop_last=False, teacher_steps=600,
+            student_steps=150, batch=64, latents=7, iterations=3, layers=4, hidden=128, teacher_lr=3e-3,
+            student_lr=2e-3, student_lora=False, alpha_kv=1.0, alpha_codi=10.0, embed_std=1.0, curriculum=0)
+QUICK = dict(FULL, n_train=800, n_test=40, teacher_steps=30, student_steps=6, batch=32)
+"""Demo settings; `--param KEY=VALUE` changes one (e.g. `--param n_ops=5`)."""
 
 
 def parse(argv=None):
@@ -47,23 +57,71 @@ def parse(argv=None):
     ap.add_argument("--teacher-steps", type=int, default=0)
     ap.add_argument("--student-steps", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"change a demo setting ({', '.join(FULL)})")
     ap.add_argument("overrides", nargs="*", help="extra section.key=value for every stage")
     return ap.parse_args(argv)
 
 
-class Stages:
-    """Times each stage and remembers the equivalent command line."""
+# Seconds each stage took in a reference run of the full demo on 2 idle cores (BENCHMARKS.md), per training step
+# for the training stages: the demo's ETAs scale them by the steps asked for and by how fast this machine ran
+# the stages so far.
+REF_S = dict(data=0.5, base=3.0, teacher_per_step=0.13, cache=10.0, cache_per_example=0.002, student_per_step=0.35,
+             nocot_per_step=0.06, eval=8.0, report=8.0)
 
-    def __init__(self):
+
+class Stages:
+    """Times each stage, logs its ETA before it starts and remembers the equivalent command line."""
+
+    def __init__(self, steps: dict[str, int], examples: int):
         self.times: dict[str, float] = {}
+        self.steps = steps
+        self.examples = examples
+        self.spent_ref = 0.0     # reference seconds of the stages done so far
+
+    def expected(self, name: str) -> float:
+        """Reference seconds of a stage at this run's step counts."""
+        if name in self.steps:
+            return REF_S[f"{name}_per_step"] * self.steps[name]
+        if name == "cache":
+            return REF_S["cache"] + REF_S["cache_per_example"] * self.examples
+        return REF_S.get(name, 0.0)
+
+    def speed(self) -> float:
+        """How much slower than the reference this machine has been so far (1 before anything ran)."""
+        spent = sum(self.times.values())
+        return min(max(spent / self.spent_ref, 0.25), 20.0) if self.spent_ref > 10 and spent > 0 else 1.0
 
     def run(self, name: str, command: str, fn):
-        log.info("== %s ==  (on a cluster: %s)", name, command)
+        f = self.speed()
+        eta = f * self.expected(name)
+        left = f * sum(self.expected(k) for k in ORDER[ORDER.index(name):]) if name in ORDER else eta
+        what = f"{self.steps[name]} steps, " if name in self.steps else ""
+        log.info("== %s ==  (%sexpected ~%.0f s, demo ~%.0f s left; on a cluster: %s)", name, what, eta, left, command)
         t0 = time.time()
         out = fn()
         self.times[name] = time.time() - t0
-        log.info("== %s done in %.1f s", name, self.times[name])
+        self.spent_ref += self.expected(name)
+        log.info("== %s done in %.1f s (expected ~%.0f s)", name, self.times[name], eta)
         return out
+
+
+ORDER = ["data", "base", "teacher", "cache", "student", "nocot", "eval", "report"]
+
+
+def rescale_embeddings(path: Path, std: float, seed: int) -> None:
+    """Redraw the tiny model's token embeddings from N(0, std^2) (PyTorch's nn.Embedding default at std 1), with an
+    untied output head. A latent input is the LayerNorm output of kava_prj, of norm ~sqrt(d): with embeddings of
+    the same norm the teacher's layers see latents on the scale of the tokens they were trained on."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb.copy_(torch.randn(emb.shape, generator=gen) * std)
+    model.save_pretrained(path)
 
 
 def _train(cfg_dict: dict, overrides: list[str]):
@@ -80,6 +138,8 @@ def _train(cfg_dict: dict, overrides: list[str]):
 
 
 def main(argv=None) -> int:
+    from kava_dist.synthetic import COT_STYLE
+
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for k, v in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -88,18 +148,33 @@ def main(argv=None) -> int:
     p = dict(QUICK if args.quick else FULL)
     p["teacher_steps"] = args.teacher_steps or p["teacher_steps"]
     p["student_steps"] = args.student_steps or p["student_steps"]
+    for kv in args.param:
+        k, _, v = kv.partition("=")
+        if k not in p:
+            raise SystemExit(f"--param {kv}: unknown setting {k!r}; settings: {', '.join(p)}")
+        p[k] = type(p[k])(v) if not isinstance(p[k], bool) else v.lower() in ("1", "true", "yes")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    st = Stages()
     from_scratch = not args.model
+    st = Stages({"teacher": p["teacher_steps"], "student": p["student_steps"], "nocot": p["student_steps"]},
+                p["n_train"])
+    if from_scratch and "OMP_NUM_THREADS" not in os.environ:
+        # One thread per process: the tiny model gains little from a second one, and on a busy machine two
+        # spinning OpenMP threads per process ran a teacher step 8x slower than one (BENCHMARKS.md). Ray's cache
+        # actor inherits the variable.
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
     def data():
         from kava_dist.synthetic import make_chain_task, write_jsonl
 
         if args.data and args.test:
             return Path(args.data).resolve(), Path(args.test).resolve()
-        train = make_chain_task(p["n_train"], 4, args.seed)
-        test = make_chain_task(p["n_test"], 4, args.seed + 1000, exclude={r["question"] for r in train})
+        kw = dict(cot=p["cot"], ops=p["ops"])
+        train = make_chain_task(p["n_train"], p["n_ops"], args.seed, **kw)
+        test = make_chain_task(p["n_test"], p["n_ops"], args.seed + 1000, exclude={r["question"] for r in train}, **kw)
         return write_jsonl(train, out / "data/train.jsonl"), write_jsonl(test, out / "data/test.jsonl")
 
     train_path, test_path = st.run("data", "your dataset files", data)
@@ -109,17 +184,24 @@ def main(argv=None) -> int:
 
         if args.model:
             return Path(args.model).resolve()
-        return save_tiny_checkpoint(out / "base", family="llama", hidden_size=128, num_layers=4, num_heads=4,
-                                    num_kv_heads=2, intermediate_size=384, seed=args.seed, initializer_range=0.1)
+        path = save_tiny_checkpoint(out / "base", family="llama", hidden_size=p["hidden"], num_layers=p["layers"],
+                                    num_heads=4, num_kv_heads=2, intermediate_size=3 * p["hidden"], seed=args.seed,
+                                    initializer_range=0.1, tie_word_embeddings=not p["embed_std"])
+        if p["embed_std"]:
+            rescale_embeddings(path, p["embed_std"], args.seed)
+        return path
 
     base_path = st.run("base", "a Hugging Face checkpoint", base)
     common = {
         "model": {"name_or_path": str(base_path), "gguf_file": args.gguf, "dtype": "float32"},
-        "latent": {"num_latents": p["latents"], "num_iterations": 3},
+        "latent": {"num_latents": p["latents"], "num_iterations": p["iterations"]},
         "data": {"train_path": str(train_path), "answer_prompt": "The answer is:" if args.model else "A:",
-                 "max_tokens": 256, "cot_style": "auto"},
+                 "max_tokens": 256,
+                 "cot_style": "auto" if args.data else COT_STYLE[p["cot"]],
+                 "drop_last_step": bool(args.data) or p["drop_last"]},
         "lora": {"r": 32, "alpha": 64, "dropout": 0.0},
-        "train": {"global_batch": p["batch"], "micro_batch": p["batch"] // 2, "precision": "fp32", "zero_stage": 2,
+        "loss": {"alpha_kv": p["alpha_kv"], "alpha_codi": p["alpha_codi"]},
+        "train": {"global_batch": p["batch"], "micro_batch": p["batch"], "precision": "fp32", "zero_stage": 2,
                   "weight_decay": 0.0, "warmup_ratio": 0.05, "log_every": 10, "seed": args.seed},
         "eval": {"datasets": [str(test_path)], "batch_size": 100, "max_new_tokens": 8, "cot_max_new_tokens": 64},
         "store": {"path": str(out / "store"), "dtype": "bf16", "shard_examples": 2048},
@@ -130,7 +212,7 @@ def main(argv=None) -> int:
     teacher_dir = out / "teacher"
     tcfg = json.loads(json.dumps(common))
     tcfg["train"].update(stage="teacher", out_dir=str(teacher_dir), max_steps=p["teacher_steps"],
-                         lr=3e-3 if from_scratch else 5e-4)
+                         lr=p["teacher_lr"] if from_scratch else 5e-4)
     if from_scratch:
         tcfg["lora"] = {"enabled": False}
     st.run("teacher", "deepspeed jobs/train.py --config CFG train.stage=teacher", lambda: _train(tcfg, extra))
@@ -159,10 +241,14 @@ def main(argv=None) -> int:
     st.run("cache", "ray job submit --working-dir . -- python -m jobs.build_cache --config CFG", cache)
 
     scfg = json.loads(json.dumps(post))
-    scfg["train"].update(stage="student", out_dir=str(out / "student"), max_steps=p["student_steps"], lr=2e-3)
+    if from_scratch and not p["student_lora"]:
+        scfg["lora"] = {"enabled": False}
+    ncfg = json.loads(json.dumps(scfg))
+    scfg["latent"]["cot_curriculum_steps"] = p["curriculum"]
+    scfg["train"].update(stage="student", out_dir=str(out / "student"), max_steps=p["student_steps"],
+                         lr=p["student_lr"])
     st.run("student", "deepspeed jobs/train.py --config CFG train.stage=student", lambda: _train(scfg, extra))
-    ncfg = json.loads(json.dumps(post))
-    ncfg["train"].update(stage="nocot", out_dir=str(out / "nocot"), max_steps=p["student_steps"], lr=2e-3)
+    ncfg["train"].update(stage="nocot", out_dir=str(out / "nocot"), max_steps=p["student_steps"], lr=p["student_lr"])
     st.run("nocot", "deepspeed jobs/train.py --config CFG train.stage=nocot", lambda: _train(ncfg, extra))
 
     runs = {"Full-CoT teacher": teacher_dir, "KaVa student": out / "student", "No-CoT": out / "nocot"}
@@ -187,10 +273,25 @@ def main(argv=None) -> int:
     st.run("report", "python -m jobs.report RUN...", report)
     table = summary_table(results, runs, out, st.times)
     (out / "demo_table.md").write_text(table)
+    gather_report(out, runs, table)
     (out / "demo_summary.json").write_text(json.dumps({"results": results, "times_s": st.times, "params": p},
                                                       indent=1, default=str))
     print("\n" + table)
     return 0
+
+
+def gather_report(out: Path, runs: dict, table: str) -> Path:
+    """out/report/: the demo table, jobs.report's tables.md, and every run's figures and report as <run>_<file>."""
+    import shutil
+
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    (rep / "demo_table.md").write_text(table)
+    for rd in runs.values():
+        for f in sorted((rd / "report").glob("*")):
+            if f.suffix in (".png", ".md"):
+                shutil.copyfile(f, rep / f"{rd.name}_{f.name}")
+    return rep
 
 
 def summary_table(results: dict, runs: dict, out: Path, times: dict) -> str:

@@ -1,9 +1,11 @@
 """`kava demo --quick`: every stage runs (teacher, Ray cache build, DeepSpeed student, No-CoT, eval, report)
-and the report exists with every figure. Runs the console entry in a subprocess, as a user would."""
+and the report exists with every figure; the same seed gives the same table. Runs the demo in a subprocess, as a
+user would."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +15,42 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = ["training_curves.png", "kv_similarity_layers.png", "kv_similarity_slots.png", "latent_decoding.png",
            "budget_heatmap.png"]
+ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
+           RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+
+
+def run_quick_demo(out: Path, seed: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "jobs.demo", "--quick", "--seed", str(seed), "--out", str(out)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def measured(out: Path) -> dict:
+    """What the same seed must reproduce: each method's accuracy, interval, forward passes and generated tokens
+    as the table prints them (not the latency column), and every logged loss of the three training runs."""
+    rows = {}
+    for line in (out / "demo_table.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and re.match(r"[\d.]+% \(", cells[1]):
+            rows[cells[0]] = cells[1:4]
+    losses = {run: [{k: v for k, v in json.loads(line).items() if k in ("step", "loss", "ce_teacher", "ce_student",
+                                                                         "kv", "codi", "ce_answer")}
+                    for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("teacher", "student", "nocot")}
+    return {"table": rows, "losses": losses}
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "a"
+    run_quick_demo(out)
+    return out
 
 
 @pytest.mark.integration
-def test_quick_demo_runs_every_stage(tmp_path):
-    out = tmp_path / "demo"
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    proc = subprocess.run([sys.executable, "-m", "jobs.demo", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_quick_demo_runs_every_stage(quick_demo):
+    out = quick_demo
     table = (out / "demo_table.md").read_text()
     for label in ("Full-CoT teacher", "KaVa student", "No-CoT", "store:", "| teacher |", "| cache |", "| total |"):
         assert label in table, label
@@ -34,8 +62,24 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert list((out / run / "eval").glob("*.json"))
     for fig in FIGURES:
         assert (out / "student" / "report" / fig).stat().st_size > 1000, fig
-    assert (out / "report" / "tables.md").exists()
+    # report/ gathers the tables and every figure in one place
+    assert (out / "report" / "tables.md").exists() and (out / "report" / "demo_table.md").read_text() == table
+    for fig in FIGURES:
+        assert (out / "report" / f"student_{fig}").stat().st_size > 1000, fig
+    assert (out / "report" / "teacher_training_curves.png").exists()
     # the store the student trained from is complete and verifies
     verify = subprocess.run([sys.executable, "-m", "cache_store", "verify", str(out / "store")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.integration
+def test_quick_demo_same_seed_same_table(quick_demo, tmp_path):
+    """README and BENCHMARKS promise that a seed gives the same table on the same machine."""
+    first = measured(quick_demo)
+    assert set(first["table"]) == {"Full-CoT teacher", "KaVa student", "No-CoT"}
+    assert all(len(v) >= 2 for v in first["losses"].values())
+    run_quick_demo(tmp_path / "b")
+    second = measured(tmp_path / "b")
+    assert second["table"] == first["table"]
+    assert second["losses"] == first["losses"]
