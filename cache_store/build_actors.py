@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cache_store.errors import StoreNotFound
 from cache_store.faults import FORWARDED_ENV  # noqa: F401  (re-exported for builder.py)
 from cache_store.faults import arm_kill_mid_write as _arm_kill
 from cache_store.faults import build_faults as faults
@@ -56,6 +57,15 @@ def _node_id() -> str:
         return ""
 
 
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray (unit use)
+        return ""
+
+
 class ComputeWorker:
     """Ray actor body: runs the processor (built once by `make_processor`) on one shard per task.
 
@@ -82,7 +92,7 @@ class ComputeWorker:
 
     def ready(self) -> dict:
         self._loaded.wait()
-        return {"error": self.error, "node_id": _node_id(), "pid": os.getpid()}
+        return {"error": self.error, "node_id": _node_id(), "node_ip": _node_ip(), "pid": os.getpid()}
 
     def compute(self, shard_id: int, items: list) -> tuple[dict[str, np.ndarray], dict]:
         """(arrays, meta): call with .options(num_returns=2) so the driver waits on the small meta alone."""
@@ -123,13 +133,16 @@ class WriteWorker:
                 zarr.config.set({"threading.max_workers": int(threads), "async.concurrency": int(threads) * 2})
             from cache_store.writer import StoreWriter
 
-            self.writer = StoreWriter.create_or_open(**store_args)
+            self.writer = StoreWriter.create_or_open(**store_args, create=False)   # the driver created it
             self.owner = dict(self.writer.claims.owner)
+        except StoreNotFound as e:           # one line naming the fix (a store path this node does not see)
+            self.error = str(e)
         except Exception:  # noqa: BLE001
             self.error = traceback.format_exc()
 
     def ready(self) -> dict:
-        return {"error": self.error, "owner": self.owner, "node_id": _node_id(), "pid": os.getpid()}
+        return {"error": self.error, "owner": self.owner, "node_id": _node_id(), "node_ip": _node_ip(),
+                "pid": os.getpid()}
 
     def write(self, shard_id: int, arrays: dict[str, np.ndarray], quarantined: list[dict]) -> dict:
         from cache_store.errors import ShardClaimed

@@ -91,6 +91,8 @@ class BuildReport:
     actors_replaced: int = 0
     failed: dict[int, dict] = field(default_factory=dict)
     quarantined: list[dict] = field(default_factory=list)
+    nodes: dict[str, dict] = field(default_factory=dict)
+    """Ray node id -> {"ip", "shards_computed", "shards_written"}: where each shard ran (this run's shards)."""
     timeline: list[dict] = field(default_factory=list, repr=False)
 
     @property
@@ -152,6 +154,7 @@ class _Group:
         self.key = key
         self.compute = None                      # the ready compute actor (None while it starts)
         self.node = ""                           # its node: write actors are placed there
+        self.ip = ""
         self.writers: list = []                  # ready write actors
         self.writers_starting = 0
         self.computing = 0                       # compute tasks submitted, not returned
@@ -186,6 +189,7 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
 
     starting: dict[Any, tuple[str, _Group, Any, float]] = {}   # ready future -> (kind, group, actor, started at)
     owners: dict[int, dict] = {}                 # id(write actor) -> its claim owner
+    wnode: dict[int, tuple[str, str]] = {}       # id(write actor) -> (node id, node ip)
     wload: dict[int, int] = {}                   # id(write actor) -> write tasks queued or running
     inflight: dict[Any, tuple] = {}              # future -> ("compute", shard, group, arrays ref, actor)
     #                                                        | ("write", shard, group, actor, meta)
@@ -196,8 +200,8 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
 
     def spawn_writer(g: _Group):
         opts: dict[str, Any] = dict(num_cpus=settings.cpus_per_writer, max_concurrency=1, max_restarts=0, **runtime)
-        if g.node:
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(g.node, soft=True)
+        if g.node:   # strict: the arrays pass through this node's object store; a lost node replaces its compute
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(g.node, soft=False)
         w = Writer.options(**opts).remote(store_args, settings.writer_threads)
         g.writers_starting += 1
         starting[w.ready.remote()] = ("writer", g, w, time.time())
@@ -283,6 +287,8 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
                     "logs (`ray logs`, the dashboard), e.g. out of memory or a module the workers cannot import "
                     "(run with `ray job submit --working-dir .`)") from e
             log.warning("a build %s actor died while starting; starting another: %s", kind, str(e)[-1500:])
+            if kind == "writer" and g.compute is None:
+                return           # e.g. its node is gone: the group's next compute actor starts writers on its node
             (spawn_compute if kind == "compute" else spawn_writer)(g)
             return
         if info["error"]:
@@ -290,8 +296,11 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
         if kind == "writer":
             g.writers.append(a)
             owners[id(a)], wload[id(a)] = info["owner"], 0
+            wnode[id(a)] = (info.get("node_id", ""), info.get("node_ip", ""))
             return
-        g.compute, g.node = a, info["node_id"]
+        g.compute, g.node, g.ip = a, info["node_id"], info.get("node_ip", "")
+        for _ in range(n_writers - len(g.writers) - g.writers_starting):   # writers lost while it started
+            spawn_writer(g)
         if not report.startup_s:
             report.startup_s = time.time() - t_start
             bar.reset(total=examples_todo)          # rates and ETA from here, not from the model load
@@ -338,6 +347,10 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
         report.write_s += res["write"][1] - res["write"][0]
         report.timeline.append({"shard": s, "actor": g.key, "rows": res["rows"], "compute": meta["compute"],
                                 "write": res["write"]})
+        wid, wip = wnode.get(id(w), ("", ""))
+        for node, ip, key in ((g.node, g.ip, "shards_computed"), (wid, wip, "shards_written")):
+            n = report.nodes.setdefault(node, {"ip": ip, "shards_computed": [], "shards_written": []})
+            n[key].append(s)
         el = max(time.time() - t_start - report.startup_s, 1e-9)
         bar.set_postfix_str(f"shards {report.shards_written + report.shards_skipped}/{report.shards_total}, "
                             f"{report.tokens / el:,.0f} tok/s", refresh=False)

@@ -45,7 +45,7 @@ import torch
 from cache_store._util import diff_fields, format_diff, hostname, json_roundtrip
 from cache_store.backend import Backend, open_backend
 from cache_store.claims import ClaimManager
-from cache_store.errors import FingerprintMismatch, LedgerConflict, ShardClaimed, SpecMismatch
+from cache_store.errors import FingerprintMismatch, LedgerConflict, ShardClaimed, SpecMismatch, StoreNotFound
 from cache_store.faults import store_fault
 from cache_store.ledger import Ledger, ShardRecord, StoreRecord, StoreView, shard_record_path
 from cache_store.quant import bf16_bits_to_float32, quantize
@@ -129,9 +129,11 @@ class StoreWriter(StoreView):
     @classmethod
     def create_or_open(
         cls, url: str, spec: StoreSpec, fingerprint: str, fingerprint_fields: dict[str, Any], num_shards: int,
-        storage_options: dict[str, Any] | None = None, claim_ttl_s: float = 1800.0,
+        storage_options: dict[str, Any] | None = None, claim_ttl_s: float = 1800.0, create: bool = True,
     ) -> StoreWriter:
-        """Create the store at `url`, or open it if it exists with the same fingerprint, spec and num_shards."""
+        """Create the store at `url`, or open it if it exists with the same fingerprint, spec and num_shards.
+        `create=False` (a build's write actors) only opens: no store there raises StoreNotFound, so a writer on
+        another node never creates a second store on its own disk."""
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ValueError("fingerprint must be a non-empty string (e.g. a hash of the config that made the targets)")
         if int(num_shards) < 1:
@@ -140,6 +142,11 @@ class StoreWriter(StoreView):
         backend = open_backend(url, storage_options)
         ledger = Ledger(backend)
         rec = ledger.read_store()
+        if rec is None and not create:
+            raise StoreNotFound(
+                f"no store at {backend.url} as seen from {hostname()}: a build's writers open the store the driver "
+                "created and never create one; put store.path where every node sees it (a shared filesystem "
+                "mounted at the same path, or s3://bucket/prefix).")
         if rec is None:
             import numcodecs
             import zarr

@@ -235,7 +235,12 @@ def main(argv=None) -> int:
     if not result.ok:
         log.error("%d shard(s) failed: %s (errors and example ids in meta/build_report.json). Fix the cause and "
                   "rerun the same command: finished shards are kept.", len(result.failed), sorted(result.failed))
-    return EXIT_OK if result.ok and meta_ok else EXIT_SHARDS_FAILED
+    missing = len(shards) - len(writer.done_shards())     # the driver's own ledger decides, not the writers' word
+    if result.ok and missing:
+        log.error("the writers reported every shard published, but the ledger at %s (as this driver sees it) lacks %d "
+                  "of %d: the store path is not the same storage on every node; use a shared filesystem mounted at "
+                  "the same path, or s3://bucket/prefix, and rerun.", cfg.store.path, missing, len(shards))
+    return EXIT_OK if result.ok and meta_ok and not missing else EXIT_SHARDS_FAILED
 
 
 if __name__ == "__main__":
