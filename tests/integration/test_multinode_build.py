@@ -1,7 +1,8 @@
 """The cache build on a Ray cluster of two nodes, both on 127.0.0.1 (CPU, ~1-2 min):
 
-- a head node (resource node_a, 1 CPU) and a worker node (resource node_b, 1 CPU), both on 127.0.0.1; build.num_actors=2 places one teacher actor per node, their write actors on the
-  teacher's node (strict node affinity), all writing one store; meta/build_report.json says which node computed
+- a head node (resource node_a, 1 CPU) and a worker node (resource node_b, 1 CPU), both on 127.0.0.1;
+  build.num_actors=2 places one teacher actor per node, their write actors on the teacher's node (strict node
+  affinity), all writing one store; meta/build_report.json says which node computed
   and wrote every shard;
 - a write actor pointed at a path with no store refuses with one line (it never creates a store);
 - writers that published to storage the driver does not see (another node's disk, simulated by redirecting the
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +26,7 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"
 os.environ.update(RAY_ENV)
 
 from test_build_cache import REPO, data, shard_ids  # noqa: E402,F401  (fixture `data`)
+
 
 @pytest.fixture(scope="module")
 def two_nodes():
