@@ -41,8 +41,9 @@ log = logging.getLogger("kava.demo")
 
 FULL = dict(n_train=12000, n_test=300, n_ops=4, ops="+-", cot="results", drop_last=False, teacher_steps=600,
             student_steps=150, batch=64, latents=7, iterations=3, layers=4, hidden=128, teacher_lr=3e-3,
-            student_lr=2e-3, student_lora=False, alpha_kv=1.0, alpha_codi=10.0, embed_std=1.0, curriculum=0)
-QUICK = dict(FULL, n_train=800, n_test=40, teacher_steps=30, student_steps=6, batch=32)
+            student_lr=2e-3, student_lora=False, alpha_kv=1.0, alpha_codi=10.0, embed_std=1.0, curriculum=0,
+            log_every=10)
+QUICK = dict(FULL, n_train=800, n_test=40, teacher_steps=30, student_steps=6, batch=32, log_every=2)
 """Demo settings; `--param KEY=VALUE` changes one (e.g. `--param n_ops=5`)."""
 
 
@@ -63,11 +64,11 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
-# Seconds each stage took in a reference run of the full demo on 2 idle cores (BENCHMARKS.md), per training step
-# for the training stages: the demo's ETAs scale them by the steps asked for and by how fast this machine ran
-# the stages so far.
-REF_S = dict(data=0.5, base=3.0, teacher_per_step=0.13, cache=10.0, cache_per_example=0.002, student_per_step=0.35,
-             nocot_per_step=0.06, eval=8.0, report=8.0)
+# Seconds each stage took in a reference run of the full demo on 2 cores (load average 2-4, BENCHMARKS.md), per
+# training step for the training stages and per example for the cache: the demo's ETAs scale them by this run's
+# steps and examples and by how much slower than the reference this machine has been so far.
+REF_S = dict(data=0.3, base=4.0, teacher_per_step=0.20, cache=10.0, cache_per_example=0.0057, student_per_step=0.52,
+             nocot_per_step=0.15, eval=5.0, report=5.0)
 
 
 class Stages:
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
         "lora": {"r": 32, "alpha": 64, "dropout": 0.0},
         "loss": {"alpha_kv": p["alpha_kv"], "alpha_codi": p["alpha_codi"]},
         "train": {"global_batch": p["batch"], "micro_batch": p["batch"], "precision": "fp32", "zero_stage": 2,
-                  "weight_decay": 0.0, "warmup_ratio": 0.05, "log_every": 10, "seed": args.seed},
+                  "weight_decay": 0.0, "warmup_ratio": 0.05, "log_every": p["log_every"], "seed": args.seed},
         "eval": {"datasets": [str(test_path)], "batch_size": 100, "max_new_tokens": 8, "cot_max_new_tokens": 64},
         "store": {"path": str(out / "store"), "dtype": "bf16", "shard_examples": 2048},
         "build": {"batch_size": 64, "object_store_mb": 300, "cpus_per_actor": 2},
