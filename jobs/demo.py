@@ -22,7 +22,7 @@ Ends with one table: accuracies, forward passes per question, store size and com
 OUT/report/ gathers that table, jobs.report's tables and every run's report and figures (<run>_<file>).
 The synthetic defaults: 4 steps of + and - mod 10 with the running results as the CoT (kept whole, so the
 answer is the CoT's last digit), a 4-layer Llama (d=128) trained from scratch; student and No-CoT start from the
-teacher's weights with full fine-tuning (docs/DEVIATIONS.md, the demo's row).
+teacher's weights with full fine-tuning (docs/DEVIATIONS.md D27).
 """
 from __future__ import annotations
 
