@@ -5,6 +5,7 @@ Kept out of conftest.py: pytest loads several conftest modules (tests/, tests/in
 """
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -19,6 +20,13 @@ QUESTIONS = [
     ("Ann had 20 coins, gave away 7 and found 2. How many now?", "<<20-7=13>> <<13+2=15>>", "15"),
     ("Half of 18 plus 4?", "<<18/2=9>> <<9+4=13>>", "13"),
 ]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (for Ray, gloo rendezvous, moto)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_cfg(path, **over):

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kava_testing import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -38,12 +38,6 @@ REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 N_GOOD = 30
 SHARD, BATCH = 8, 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -122,8 +116,8 @@ def cluster():
     import ray
 
     tmp = tempfile.mkdtemp(prefix="kr", dir="/tmp")               # short: Ray's unix sockets live under it
-    gcs, dash = _free_port(), _free_port()
-    ports = {k: _free_port() for k in ("--ray-client-server-port", "--dashboard-agent-listen-port",
+    gcs, dash = free_port(), free_port()
+    ports = {k: free_port() for k in ("--ray-client-server-port", "--dashboard-agent-listen-port",
                                        "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
                                        "--metrics-export-port", "--node-manager-port", "--object-manager-port")}
     cmd = [str(Path(PY).with_name("ray")), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",

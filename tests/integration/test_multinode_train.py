@@ -10,22 +10,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from kava_testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 DS = str(Path(sys.executable).with_name("deepspeed"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, dirs: list[str], result: str) -> None:
@@ -48,7 +42,7 @@ def _check(tmp_path: Path, dirs: list[str]) -> list[str]:
     import torch.multiprocessing as mp
 
     result = str(tmp_path / "result")
-    mp.start_processes(_rank, args=(2, _free_port(), dirs, result), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_rank, args=(2, free_port(), dirs, result), nprocs=2, join=True, start_method="spawn")
     return [Path(f"{result}.{r}").read_text() for r in range(2)]
 
 
@@ -94,7 +88,7 @@ def test_resume_at_another_world_size_is_one_line(tmp_path):
     common = ["--config", "configs/tiny_cpu.yaml", f"model.name_or_path={ckpt}", f"data.train_path={tmp_path / 'data.jsonl'}",
               "latent.num_latents=2", "train.global_batch=4", "train.micro_batch=2", "train.zero_stage=2",
               "train.stage=teacher", "train.max_steps=2", f"train.out_dir={out}"]
-    rc, text = _run([DS, "--num_gpus", "2", "--master_port", str(_free_port()), "jobs/train.py", *common,
+    rc, text = _run([DS, "--num_gpus", "2", "--master_port", str(free_port()), "jobs/train.py", *common,
                      "train.stop_at_step=1"], tmp_path / "ds2.log")
     assert rc == 0, text[-3000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "global_step1"

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,19 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from kava_testing import QUESTIONS
+from kava_testing import QUESTIONS, free_port
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 BIN = str(Path(PY).parent)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def doc_auth_lines() -> str:
@@ -76,8 +69,8 @@ def test_cache_build_submitted_to_a_cluster_with_token_auth(tiny_paths, tmp_path
     env.update(HOME=str(home), PATH=f"{BIN}:{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                RAY_memory_monitor_refresh_ms="0")   # a busy test host must not get the job killed by Ray's OOM policy
-    gcs, dash = _free_port(), _free_port()
-    ports = " ".join(f"{k}={_free_port()}" for k in (
+    gcs, dash = free_port(), free_port()
+    ports = " ".join(f"{k}={free_port()}" for k in (
         "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
         "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port"))
     auth = doc_auth_lines()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,17 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from kava_testing import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 DS = str(Path(sys.executable).with_name("deepspeed"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(threads: int = 2) -> dict:
@@ -118,7 +113,7 @@ def test_student_from_store_equals_online_on_the_same_batch(ws, online_run, swee
 @pytest.mark.timeout(900)
 def test_two_processes_under_the_launcher_match_accumulation(ws, online_run):
     out = ws["root"] / "online_ds2"
-    _, text = run([DS, "--num_gpus", "2", "--master_port", str(_free_port()), "jobs/train.py", *ws["common"],
+    _, text = run([DS, "--num_gpus", "2", "--master_port", str(free_port()), "jobs/train.py", *ws["common"],
                    "train.stage=online", "train.max_steps=3", f"train.out_dir={out}"], ws["root"] / "ds2.log",
                   env=_env(threads=1), timeout=400)
     assert "global batch 8 = micro 4 x accumulation 1 x world 2" in text
