@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kava_dist.evaluate import wilson_interval  # noqa: E402
+from kava_dist.figures import read_metrics  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +39,6 @@ def method_of(name: str) -> tuple[str, int | None]:
     return (name[: m.start()], int(m.group(1))) if m else (name, None)
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def collect(root: str | Path, dataset: str = "mult4x4") -> list[dict[str, Any]]:
     """One record per run folder under `root` that has eval/{dataset}.json (others are listed as missing)."""
     root = Path(root)
@@ -61,7 +49,7 @@ def collect(root: str | Path, dataset: str = "mult4x4") -> list[dict[str, Any]]:
     for run in sorted(p for p in root.iterdir() if (p / "config.yaml").exists()):
         ev = run / "eval" / f"{dataset}.json"
         method, seed = method_of(run.name)
-        metrics = _jsonl(run / "metrics.jsonl")
+        metrics = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
         train = [r for r in metrics if "samples_per_s" in r]
         curve = [(r["examples_seen"], r["valid/accuracy"]) for r in metrics
                  if "valid/accuracy" in r and "examples_seen" in r]
@@ -182,8 +170,3 @@ def write_summary(runs: list[dict], out_dir: str | Path, dataset: str = "mult4x4
     paths["markdown"].write_text(summary_markdown(runs, dataset) + ("\n" + stage_table(root) if root else ""))
     plot_curves(runs, paths["curves"], dataset=f"{dataset} valid")
     return paths
-
-
-def interval_of(runs: list[dict]) -> tuple[float, float]:
-    """Wilson interval of the pooled seeds of one method (correct and n summed)."""
-    return wilson_interval(sum(r["correct"] for r in runs), sum(r["n"] for r in runs))
