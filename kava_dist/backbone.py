@@ -1,4 +1,4 @@
-"""Backbone: load a Llama/Qwen2-family causal LM, add KaVa's tokens, attach the latent projection, wrap in LoRA.
+"""Backbone: load a causal LM of a family in kava_dist/models/, add KaVa's tokens, attach the projection, wrap in LoRA.
 
 Usage:
     from kava_dist.backbone import load_backbone, add_lora, parts
@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from kava_dist.config import LatentConfig, LoraSettings, ModelConfig
+from kava_dist.models import SUPPORTED
 from kava_dist.prompts import SpecialIds, add_special_tokens
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("llama", "qwen2")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 

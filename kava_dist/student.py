@@ -15,20 +15,20 @@ Sequence (spec section 3): [BOS question (left-padded) | <bot> | <latent> x M | 
    minus its first r tokens sits between <eot> and the prompt while the curriculum lasts: `cot_removed`).
 With `latent.fix_masks` (default) the latent passes get the real attention mask and pad-free position ids;
 off reproduces PCCoT (no mask, column positions). Gradients flow through every pass (no detach).
-Each pass goes through `passes_for(model).run(...)`: the HF/peft modules (HFPasses), or in training, when
-kava_dist.fused.apply_fused attached it (model.fused_kernels), the compiled per-layer graph of FusedDecoder.
+Each pass goes through `kava_dist.passes.passes_for(model).run(...)`: the HF/peft modules (HFPasses), or in
+training, when kava_dist.fused.apply_fused attached it (model.fused_kernels), the compiled per-layer graph of
+FusedDecoder.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from kava_dist.backbone import parts
 from kava_dist.config import LatentConfig
+from kava_dist.passes import make_cache, passes_for
 from kava_dist.prompts import Batch, SpecialIds
 from kava_dist.teacher import _prev_real_columns, positions_from_mask
 
@@ -43,20 +43,6 @@ class StudentOutput:
     latents_BMd: torch.Tensor
 
 
-def make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache over given per-layer (k, v); updates concatenate, so the given tensors are never modified."""
-    try:
-        return DynamicCache(ddp_cache_data=kv)
-    except TypeError:  # older transformers
-        return DynamicCache.from_legacy_cache(tuple(kv))
-
-
-def cache_kv(cache, upto: int | None = None, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):
-        return [(lay.keys[:, :, start:upto], lay.values[:, :, start:upto]) for lay in cache.layers]
-    return [(cache.key_cache[i][:, :, start:upto], cache.value_cache[i][:, :, start:upto]) for i in range(len(cache))]
-
-
 @dataclass
 class _Prefix:
     lat_mask: torch.Tensor       # [B, Q+1+M] mask over question + <bot> + latents
@@ -65,57 +51,6 @@ class _Prefix:
 
 def _embed(lm, ids):
     return lm.get_input_embeddings()(ids)
-
-
-@dataclass
-class PassOut:
-    """What one student pass returns, from HFPasses or kava_dist.fused.FusedDecoder."""
-    last_BSd: torch.Tensor | None                          # final-norm hidden states (None when logits are asked)
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None     # per layer post-RoPE (k, v) over past + new columns
-    pre_k: list[torch.Tensor] | None = None                # per layer pre-RoPE keys of the new columns [B,h,S,D]
-    hidden_BLd: torch.Tensor | None = None                 # HF hidden_states[1:] at one column
-    logits_BSV: torch.Tensor | None = None
-
-
-class HFPasses:
-    """The student's passes through the HF/peft modules (the reference; kava_dist.fused.FusedDecoder has the same
-    `run`). mask_BK: 2D mask over past + new columns (None: causal only); past: per-layer (k, v) or None."""
-
-    def __init__(self, model):
-        self.model = model
-        self.lm, self.decoder, _ = parts(model)
-
-    def run(self, embeds_BSd, mask_BK, pos_BS, past=None, *, pre_rope: bool = False, hidden_col: int | None = None,
-            lm_head: bool = False) -> PassOut:
-        cache = make_cache(past) if past is not None else None
-        captured: dict[int, torch.Tensor] = {}
-        ctx = _pre_rope_capture(self.model, captured) if pre_rope else nullcontext()
-        with ctx:
-            if lm_head:
-                out = self.lm(inputs_embeds=embeds_BSd, attention_mask=mask_BK, position_ids=pos_BS,
-                              past_key_values=cache, use_cache=False, output_hidden_states=hidden_col is not None)
-            else:
-                out = self.decoder(inputs_embeds=embeds_BSd, attention_mask=mask_BK, position_ids=pos_BS,
-                                   past_key_values=cache, use_cache=True, output_hidden_states=hidden_col is not None)
-        hidden = None
-        if hidden_col is not None:
-            hidden = torch.stack(out.hidden_states[1:], dim=1)[:, :, hidden_col]   # layers' outputs, last normed
-        if lm_head:
-            return PassOut(last_BSd=None, kv=None, hidden_BLd=hidden, logits_BSV=out.logits)
-        pre = None
-        if pre_rope:
-            B, S, _ = embeds_BSd.shape
-            hd = self.decoder.layers[0].self_attn.head_dim
-            pre = [captured[i].view(B, S, -1, hd).transpose(1, 2) for i in range(len(captured))]
-        return PassOut(last_BSd=out.last_hidden_state, kv=cache_kv(out.past_key_values), pre_k=pre, hidden_BLd=hidden)
-
-
-def passes_for(model):
-    """The fused runner if kava_dist.fused.apply_fused attached one and autograd is on (training), else HF."""
-    from kava_dist.fused import runner_for
-
-    fused = runner_for(model)
-    return fused if fused is not None and torch.is_grad_enabled() else HFPasses(model)
 
 
 def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentConfig, pre_rope: bool = False):
@@ -214,24 +149,6 @@ def cot_removed_at(step: int, curriculum_steps: int, cot_tokens: int) -> int | N
     if curriculum_steps <= 0 or step >= curriculum_steps or cot_tokens <= 0:
         return None
     return min(cot_tokens, (step * cot_tokens) // curriculum_steps)
-
-
-def _pre_rope_capture(model, captured: dict[int, torch.Tensor]):
-    from contextlib import contextmanager
-
-    @contextmanager
-    def ctx():
-        handles = []
-        for i, layer in enumerate(parts(model)[1].layers):
-            def hook(_m, _i, o, i=i):
-                captured[i] = o
-            handles.append(layer.self_attn.k_proj.register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-    return ctx()
 
 
 @dataclass

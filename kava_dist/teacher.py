@@ -10,8 +10,8 @@ Usage:
 
 The sequence is segment-aligned ([q left-padded | cot right-padded | answer right-padded], see prompts.Batch):
 position ids skip the pads and the attention mask hides them, so every row computes exactly what it would alone.
-q/k/v are captured by forward hooks on q_proj/k_proj/v_proj (sliced to the needed columns inside the hook) and
-RoPE is applied with the cos/sin the attention module receives: attention runs in the fused SDPA kernel, never
+q/k/v are captured by forward hooks on the family's q/k/v projections (kava_dist/models/: sliced to the needed
+columns inside the hook) and the family's RoPE is applied with the cos/sin the attention module receives: attention runs in the fused SDPA kernel, never
 with `output_attentions=True` (which forces eager attention).
 """
 from __future__ import annotations
@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import rotate_half
-
 from kava_dist.backbone import parts
+from kava_dist.models import family_of
 from kava_dist.prompts import Batch
 
 
@@ -50,18 +49,13 @@ def teacher_sequence(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return ids, mask, positions_from_mask(mask)
 
 
-def _rope(x_BnSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
-    # Same arithmetic (and dtype) as transformers' apply_rotary_pos_emb with unsqueeze_dim=1.
-    cos, sin = cos_BSD.unsqueeze(1), sin_BSD.unsqueeze(1)
-    return (x_BnSD * cos) + (rotate_half(x_BnSD) * sin)
-
-
 @contextmanager
 def capture_qkv(model, cot_cols: slice, ans_cols: slice, hidden_col: int | None):
     """Hooks that keep, per layer: q over `ans_cols`, k/v over `cot_cols`, cos/sin, and the hidden state at
     `hidden_col` (decoder layer outputs for layers 0..L-2, the final norm output for the last, as in HF's
     `hidden_states[1:]`). Yields the dict the hooks fill."""
-    _, decoder, _ = parts(model)
+    lm, decoder, _ = parts(model)
+    fam = family_of(lm)
     store: dict = {"q": {}, "k": {}, "v": {}, "cos": {}, "sin": {}, "h": {}}
     handles = []
 
@@ -84,11 +78,11 @@ def capture_qkv(model, cot_cols: slice, ans_cols: slice, hidden_col: int | None)
 
     layers = list(decoder.layers)
     for i, layer in enumerate(layers):
-        attn = layer.self_attn
-        handles.append(attn.register_forward_pre_hook(keep_rope(i), with_kwargs=True))
-        handles.append(attn.q_proj.register_forward_hook(keep("q", i, ans_cols)))
-        handles.append(attn.k_proj.register_forward_hook(keep("k", i, cot_cols)))
-        handles.append(attn.v_proj.register_forward_hook(keep("v", i, cot_cols)))
+        q_proj, k_proj, v_proj = fam.projections(layer)
+        handles.append(fam.attention(layer).register_forward_pre_hook(keep_rope(i), with_kwargs=True))
+        handles.append(q_proj.register_forward_hook(keep("q", i, ans_cols)))
+        handles.append(k_proj.register_forward_hook(keep("k", i, cot_cols)))
+        handles.append(v_proj.register_forward_hook(keep("v", i, cot_cols)))
         if hidden_col is not None and i < len(layers) - 1:
             handles.append(layer.register_forward_hook(keep_hidden(i)))
     if hidden_col is not None:
@@ -123,6 +117,7 @@ def teacher_forward(model, batch: Batch, rope: str = "post", with_ce: bool = Fal
                     with_hidden: bool = True, capture: bool = True) -> TeacherOutput:
     """One teacher pass. Runs under the caller's grad mode (no_grad for cache builds, grad for online)."""
     lm, decoder, _ = parts(model)
+    rope_fn = family_of(lm).apply_rope
     ids, mask, pos = teacher_sequence(batch)
     Q, C, A = batch.q_ids.shape[1], batch.cot_ids.shape[1], batch.ans_ids.shape[1]
     cot_cols, ans_cols = slice(Q, Q + C), slice(Q + C, Q + C + A)
@@ -144,8 +139,8 @@ def teacher_forward(model, batch: Batch, rope: str = "post", with_ce: bool = Fal
         q_BHAD = st["q"][i].view(B, A, -1, head_dim).transpose(1, 2)
         k_BHND = st["k"][i].reshape(B, C, n_kv, head_dim).transpose(1, 2)
         v_BHND = st["v"][i].reshape(B, C, n_kv, head_dim).transpose(1, 2)
-        q_out.append(_rope(q_BHAD, cos[:, ans_cols], sin[:, ans_cols]))
-        kp = _rope(k_BHND, cos[:, cot_cols], sin[:, cot_cols])
+        q_out.append(rope_fn(q_BHAD, cos[:, ans_cols], sin[:, ans_cols]))
+        kp = rope_fn(k_BHND, cos[:, cot_cols], sin[:, cot_cols])
         k_post.append(kp)
         k_out.append(kp if rope == "post" else k_BHND)
         v_out.append(v_BHND)

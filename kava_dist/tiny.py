@@ -1,4 +1,5 @@
-"""Tiny random checkpoints for tests and the demo: a character tokenizer and a Llama/Qwen2 built from a config.
+"""Tiny random checkpoints for tests and the demo: a character tokenizer and a model of any family in
+kava_dist/models/ built from small dimensions.
 
 Usage:
     from kava_dist.tiny import save_tiny_checkpoint
@@ -14,6 +15,8 @@ import string
 from pathlib import Path
 
 import torch
+
+from kava_dist.models import get_family
 
 
 def char_tokenizer():
@@ -32,17 +35,11 @@ def char_tokenizer():
 def tiny_config(family: str = "llama", vocab_size: int = 128, hidden_size: int = 64, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
                 tie_word_embeddings: bool = True, initializer_range: float = 0.02):
-    from transformers import LlamaConfig, Qwen2Config
-
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   max_position_embeddings=1024, tie_word_embeddings=tie_word_embeddings, bos_token_id=1,
                   eos_token_id=2, rope_theta=10000.0, initializer_range=initializer_range)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    raise ValueError(f"unknown family {family!r}; use llama or qwen2.")
+    return get_family(family).tiny_config(**common)
 
 
 def save_tiny_checkpoint(out_dir: str | Path, family: str = "llama", seed: int = 0, **config_kwargs) -> Path:

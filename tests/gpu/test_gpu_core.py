@@ -10,7 +10,8 @@ import torch
 from kava_testing import build, make_batch
 from kava_dist.backbone import parts
 from kava_dist.eviction import evict
-from kava_dist.student import cache_kv, student_forward
+from kava_dist.passes import cache_kv
+from kava_dist.student import student_forward
 from kava_dist.teacher import teacher_forward, teacher_sequence
 
 pytestmark = pytest.mark.gpu

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kava_dist.fused import apply_fused, causal_padding_mask, folded_gqa_sdpa, runner_for
+from kava_dist.fused import apply_fused, runner_for
+from kava_dist.models.attention import causal_padding_mask, folded_gqa_sdpa
 from kava_dist.student import student_forward
 
 

@@ -6,7 +6,8 @@ import torch
 from kava_testing import build, make_batch
 from kava_dist.backbone import parts
 from kava_dist.prompts import collate
-from kava_dist.student import cache_kv, generate_answers, make_cache, student_forward
+from kava_dist.passes import cache_kv, make_cache
+from kava_dist.student import generate_answers, student_forward
 from kava_dist.teacher import positions_from_mask, teacher_forward, teacher_sequence
 
 
