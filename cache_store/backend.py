@@ -154,27 +154,7 @@ class LocalBackend(Backend):
         return self._p(rel).read_bytes()
 
     def read_ranges(self, reqs: list[tuple[str, int, int | None]]) -> list[bytes | None]:
-        out: list[bytes | None] = [None] * len(reqs)
-        by_file: dict[str, list[int]] = {}
-        for i, (rel, _, _) in enumerate(reqs):
-            by_file.setdefault(rel, []).append(i)
-        for rel, idxs in by_file.items():
-            try:
-                fd = os.open(self._p(rel), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                size = os.fstat(fd).st_size
-                for i in idxs:
-                    _, start, end = reqs[i]
-                    if start < 0 and end is None:
-                        start, end = max(0, size + start), size
-                    elif end is None:
-                        end = size
-                    out[i] = os.pread(fd, end - start, start)
-            finally:
-                os.close(fd)
-        return out
+        return _pread_ranges([(str(self._p(rel)), s, e) for rel, s, e in reqs])
 
     def _write_tmp(self, path: Path, data: bytes) -> Path:
         """Write `data` to a temp file beside `path`; on any failure the temp file is removed (ENOSPC -> DiskFull)."""
@@ -310,20 +290,36 @@ class FsspecBackend(Backend):
         with_retries(attempt, f"read of {len(rels)} objects under {self.url}")
         return out
 
+    merge_gap = 256 << 10
+    """Ranges of one object at most this many bytes apart are fetched by one GET (then sliced): a request costs
+    far more than a few hundred KiB of transfer."""
+
     def read_ranges(self, reqs: list[tuple[str, int, int | None]]) -> list[bytes | None]:
         if not reqs:
             return []
+        # coalesce: sorted by (object, start), a range that starts within merge_gap of the open one's end joins it
+        spans: list[list] = []      # [rel, start, end, [(req index, start, end)]]
+        for i in sorted(range(len(reqs)), key=lambda j: (reqs[j][0], reqs[j][1])):
+            rel, s, e = reqs[i]
+            last = spans[-1] if spans else None
+            if (e is not None and s >= 0 and last is not None and last[0] == rel and last[2] is not None
+                    and s <= last[2] + self.merge_gap):
+                last[2] = max(last[2], e)
+                last[3].append((i, s, e))
+            else:
+                spans.append([rel, s, e, [(i, s, e)]])
+
         def attempt() -> list[bytes | None]:
-            got = self.fs.cat_ranges([self._p(r) for r, _, _ in reqs], [s for _, s, _ in reqs],
-                                     [e for _, _, e in reqs], on_error="return")  # concurrent on async backends
-            out: list[bytes | None] = []
-            for g in got:
+            got = self.fs.cat_ranges([self._p(sp[0]) for sp in spans], [sp[1] for sp in spans],
+                                     [sp[2] for sp in spans], on_error="return")  # concurrent on async backends
+            out: list[bytes | None] = [None] * len(reqs)
+            for sp, g in zip(spans, got):
                 if isinstance(g, FileNotFoundError):
-                    out.append(None)
-                elif isinstance(g, BaseException):
+                    continue
+                if isinstance(g, BaseException):
                     raise g
-                else:
-                    out.append(bytes(g))
+                for i, s, e in sp[3]:
+                    out[i] = bytes(g) if len(sp[3]) == 1 else bytes(g[s - sp[1]:e - sp[1]])
             return out
 
         return with_retries(attempt, f"ranged read of {len(reqs)} chunks under {self.url}")
@@ -372,3 +368,141 @@ def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Bac
             logger.warning("storage_options ignored for local path %s", url)
         return LocalBackend(url)
     return FsspecBackend(url, storage_options)
+
+
+class ShardFileCache:
+    """Whole data files of a remote store on local disk: one GET per file, then local reads.
+
+    A file is named by the sha256 the store's ledger records for it (content-addressed: a store rebuilt at the same
+    URL never reads a stale copy), checked against it on download, written to a temp file and renamed, and
+    downloaded by one process of the host at a time (an flock per file), so the ranks of a node share one copy.
+    `max_bytes` > 0 bounds the cache: past it, the least recently used files this process knows are deleted
+    (a cache smaller than the store re-downloads evicted files: give it the store's size, or leave it off).
+
+    Usage::
+
+        cache = ShardFileCache(remote_backend, "/nvme/kava_cache", max_bytes=400 << 30)
+        path = cache.path("k/c/12/0/0/0/0", sha256_hex, nbytes)     # downloads on first use
+        cache.prefetch([(rel, sha, nbytes), ...])                   # background downloads (readahead)
+    """
+
+    def __init__(self, remote: Backend, cache_dir: str, max_bytes: int = 0, threads: int = 8) -> None:
+        from collections import OrderedDict
+        from concurrent.futures import ThreadPoolExecutor
+        import threading
+
+        self.remote, self.root, self.max_bytes = remote, Path(os.path.expanduser(cache_dir)), int(max_bytes)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._known: OrderedDict[Path, int] = OrderedDict()   # LRU of files this process has used or found
+        for p in sorted(self.root.glob("??/*"), key=lambda q: q.stat().st_mtime):
+            if not p.name.startswith("."):
+                self._known[p] = p.stat().st_size
+        self._pending: dict[Path, Any] = {}
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="cache_store-readahead")
+        self.downloads = 0
+        self.downloaded_bytes = 0
+
+    def _local(self, sha: str) -> Path:
+        return self.root / sha[:2] / sha
+
+    def path(self, rel: str, sha: str, nbytes: int) -> Path:
+        """Local copy of `rel` (downloading it whole if this host has none), checked against sha256 `sha`."""
+        local = self._local(sha)
+        with self._lock:
+            fut = self._pending.get(local)
+        if fut is not None:
+            fut.result()
+        if not local.exists():
+            self._download(rel, sha, nbytes, local)
+        with self._lock:
+            self._known[local] = nbytes
+            self._known.move_to_end(local)
+        return local
+
+    def prefetch(self, items: list[tuple[str, str, int]]) -> None:
+        """Start downloading files not on disk yet, in the background (at most `threads` at a time)."""
+        for rel, sha, nbytes in items:
+            local = self._local(sha)
+            with self._lock:
+                if local in self._pending or local.exists():
+                    continue
+                fut = self._pool.submit(self._download, rel, sha, nbytes, local)
+                self._pending[local] = fut
+                fut.add_done_callback(lambda _f, p=local: self._done(p))
+
+    def _done(self, local: Path) -> None:
+        with self._lock:
+            self._pending.pop(local, None)
+
+    def _download(self, rel: str, sha: str, nbytes: int, local: Path) -> None:
+        import fcntl
+        import hashlib
+
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with open(local.parent / f".{local.name}.lock", "a+b") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)      # another rank of this host may be fetching it: wait for it
+            if local.exists():
+                return
+            data = self.remote.read_ranges([(rel, 0, nbytes)])[0]  # one GET (a whole-object read may HEAD first)
+            if data is None:
+                raise FileNotFoundError(f"shard file {self.remote.describe(rel)} is missing; check the store "
+                                        "(python -m cache_store verify URL)")
+            if len(data) != nbytes or hashlib.sha256(data).hexdigest() != sha:
+                raise OSError(f"shard file {self.remote.describe(rel)} does not match its ledger record ({len(data)} "
+                              f"bytes, expected {nbytes}); check the store (python -m cache_store verify URL)")
+            tmp = local.parent / f".{local.name}.{uuid.uuid4().hex}.tmp"
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, local)
+            except BaseException as e:
+                tmp.unlink(missing_ok=True)
+                raise name_enospc(e, str(self.root)) from e
+        with self._lock:
+            self.downloads += 1
+            self.downloaded_bytes += nbytes
+            self._known[local] = nbytes
+            self._known.move_to_end(local)
+        self._evict(keep=local)
+
+    def _evict(self, keep: Path) -> None:
+        if self.max_bytes <= 0:
+            return
+        with self._lock:
+            total = sum(self._known.values())
+            for p in list(self._known):
+                if total <= self.max_bytes:
+                    break
+                if p == keep or p in self._pending:
+                    continue
+                total -= self._known.pop(p)
+                p.unlink(missing_ok=True)
+
+    def read_ranges(self, reqs: list[tuple[Path, int, int | None]]) -> list[bytes | None]:
+        """Byte ranges of local copies (paths from `path`), as Backend.read_ranges."""
+        return _pread_ranges([(str(p), s, e) for p, s, e in reqs])
+
+
+def _pread_ranges(reqs: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+    """Byte ranges [start, end) of local files (start < 0 with end None: a suffix), one open per file."""
+    out: list[bytes | None] = [None] * len(reqs)
+    by_file: dict[str, list[int]] = {}
+    for i, (path, _, _) in enumerate(reqs):
+        by_file.setdefault(path, []).append(i)
+    for path, idxs in by_file.items():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            for i in idxs:
+                _, start, end = reqs[i]
+                if start < 0 and end is None:
+                    start, end = max(0, size + start), size
+                elif end is None:
+                    end = size
+                out[i] = os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+    return out

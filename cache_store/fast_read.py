@@ -32,7 +32,7 @@ import google_crc32c
 import numpy as np
 from numcodecs import blosc, zstd
 
-from cache_store.backend import Backend
+from cache_store.backend import Backend, LocalBackend, ShardFileCache, _pread_ranges
 from cache_store.spec import StoredArray, StoreSpec
 from cache_store.zarr_io import shard_file_key
 
@@ -112,14 +112,25 @@ def _decode_into(lay: _Layout, buf: bytes, target: np.ndarray) -> None:
 
 class FastChunkReader:
     def __init__(self, backend: Backend, spec: StoreSpec, layouts: dict[str, _Layout],
-                 index_cache_bytes: int = 64 << 20, decode_threads: int | None = None) -> None:
+                 index_cache_bytes: int = 64 << 20, decode_threads: int | None = None,
+                 cache: ShardFileCache | None = None, small_file_bytes: int = 4 << 20,
+                 small_cache_bytes: int = 512 << 20) -> None:
+        """cache: local copies of whole shard files (remote stores; one GET per file). small_file_bytes: on a
+        remote store without `cache`, shard files up to this size (valid, index, example_id...) are fetched whole
+        in one GET and kept in memory (up to small_cache_bytes), instead of one ranged GET per row."""
         self.backend = backend
         self.spec = spec
         self.shard_size = int(spec.shard_size or 0)
         self.layouts = layouts
-        # (array path, shard) -> bytes its file must have (the ledger's record); a missing file with
-        # expected bytes is an error, never fill values. None: every missing file reads as fill.
-        self.expected_bytes: Any = None
+        # (array path, shard) -> {"bytes", "sha256"} of its file per the ledger ({"bytes": 0}: no file was
+        # written); a missing file with expected bytes is an error, never fill values. None: every missing file
+        # reads as fill, and neither the disk cache nor whole-file reads are used.
+        self.expected_file: Any = None
+        self.cache = cache
+        self.remote = not isinstance(backend, LocalBackend)
+        self.small_file_bytes = int(small_file_bytes) if self.remote else 0
+        self._files: OrderedDict[tuple[str, int], bytes] = OrderedDict()   # whole small files (remote stores)
+        self._files_bytes, self._files_max = 0, int(small_cache_bytes)
         self._index: OrderedDict[tuple[str, int], np.ndarray | None] = OrderedDict()
         self._index_max = max(64, index_cache_bytes // (16 * max(1, self.shard_size)))
         self._lock = threading.Lock()
@@ -137,6 +148,74 @@ class FastChunkReader:
             layouts[arr.path] = lay
         return cls(backend, spec, layouts, **kw)
 
+    # -- bytes ----------------------------------------------------------------------------------
+    def _file(self, p: str, s: int) -> dict[str, Any] | None:
+        return None if self.expected_file is None else self.expected_file(p, s)
+
+    def _fetch(self, reqs: list[tuple[str, int, int, int | None]]) -> list[bytes | None]:
+        """(array path, shard, start, end) byte ranges of shard files -> bytes (None: no such file). Served from the
+        disk cache, from whole small files held in memory, or by ranged reads of the store."""
+        out: list[bytes | None] = [None] * len(reqs)
+        ranged: list[int] = []
+        local: list[tuple[int, Any]] = []
+        whole: dict[tuple[str, int], list[int]] = {}
+        for i, (p, s, _, _) in enumerate(reqs):
+            f = self._file(p, s)
+            if f is not None and f["bytes"] == 0:
+                continue                                   # no file was written: every row is fill
+            if f is not None and self.cache is not None:
+                local.append((i, self.cache.path(shard_file_key(self.layouts[p].arr, s), f["sha256"], f["bytes"])))
+            elif f is not None and f["bytes"] <= self.small_file_bytes:
+                whole.setdefault((p, s), []).append(i)
+            else:
+                ranged.append(i)
+        sizes = {(p, s): self._file(p, s)["bytes"] for p, s in whole}
+        if local:
+            got = _pread_ranges([(str(lp), reqs[i][2], reqs[i][3]) for i, lp in local])
+            for (i, _), g in zip(local, got):
+                out[i] = g
+        if whole:
+            with self._lock:
+                have = {k: self._files[k] for k in whole if k in self._files}
+            todo = [k for k in whole if k not in have]
+            if todo:
+                got = self.backend.read_ranges([(shard_file_key(self.layouts[p].arr, s), 0, sizes[(p, s)])
+                                                for p, s in todo])
+                for k, g in zip(todo, got):
+                    if g is not None:
+                        have[k] = g
+                with self._lock:
+                    for k in todo:
+                        if k in have and k not in self._files:
+                            self._files[k] = have[k]
+                            self._files_bytes += len(have[k])
+                    while self._files_bytes > self._files_max and self._files:
+                        self._files_bytes -= len(self._files.popitem(last=False)[1])
+            for k, idxs in whole.items():
+                data = have.get(k)
+                for i in idxs:
+                    st, en = reqs[i][2], reqs[i][3]
+                    out[i] = None if data is None else (data[st:] if en is None else data[st:en])
+        if ranged:
+            got = self.backend.read_ranges([(shard_file_key(self.layouts[reqs[i][0]].arr, reqs[i][1]), reqs[i][2],
+                                             reqs[i][3]) for i in ranged])
+            for i, g in zip(ranged, got):
+                out[i] = g
+        return out
+
+    def readahead(self, paths: list[str], shard_ids: np.ndarray) -> None:
+        """Start fetching the shard files of `paths` that rows in `shard_ids` need into the disk cache (no-op
+        without one)."""
+        if self.cache is None or self.expected_file is None:
+            return
+        items = []
+        for s in np.unique(shard_ids).tolist():
+            for p in paths:
+                f = self._file(p, s)
+                if f is not None and f["bytes"]:
+                    items.append((shard_file_key(self.layouts[p].arr, s), f["sha256"], f["bytes"]))
+        self.cache.prefetch(items)
+
     # -- shard indexes --------------------------------------------------------------------------
     def _indexes(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray | None]:
         with self._lock:
@@ -144,10 +223,11 @@ class FastChunkReader:
         todo = [k for k in keys if k not in have]
         if todo:
             n = self.shard_size * 16 + 4
-            got = self.backend.read_ranges([(shard_file_key(self.layouts[p].arr, s), -n, None) for p, s in todo])
+            got = self._fetch([(p, s, -n, None) for p, s in todo])
             for (p, s), raw in zip(todo, got):
                 if raw is None:
-                    if self.expected_bytes is not None and self.expected_bytes(p, s):
+                    f = self._file(p, s)
+                    if f is not None and f["bytes"]:
                         raise ChunkCorrupt(f"shard file of {p!r} shard {s} is missing", p, s)
                     have[(p, s)] = None  # no file written (every row is fill): not an error
                     continue
@@ -166,24 +246,28 @@ class FastChunkReader:
         return have
 
     # -- rows -----------------------------------------------------------------------------------
-    def read(self, paths: list[str], shard_ids: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows (shard_ids[i], rows[i]) of each array in `paths` -> {path: array [n, *shape]}."""
+    def read(self, paths: list[str], shard_ids: np.ndarray, rows: np.ndarray,
+             alloc: Any = None) -> dict[str, np.ndarray]:
+        """Rows (shard_ids[i], rows[i]) of each array in `paths` -> {path: array [n, *shape]}, row i of the output
+        holding row i of the request (any order, repeats allowed). alloc(path, shape, dtype) -> an output array,
+        not necessarily zeroed (e.g. a view of pinned memory); default np.empty. Rows with no chunk are zeroed."""
+        alloc = alloc or (lambda _p, shape, dtype: np.empty(shape, dtype=dtype))
         pairs = list(zip(shard_ids.tolist(), rows.tolist()))
         shards = sorted({s for s, _ in pairs})
         index = self._indexes([(p, s) for p in paths for s in shards])
-        out = {p: np.zeros((len(pairs), *self.layouts[p].arr.shape), dtype=self.layouts[p].arr.dtype) for p in paths}
-        reqs: list[tuple[str, int, int | None]] = []
+        out = {p: alloc(p, (len(pairs), *self.layouts[p].arr.shape), self.layouts[p].arr.dtype) for p in paths}
+        reqs: list[tuple[str, int, int, int | None]] = []
         where: list[tuple[str, int, int]] = []  # (path, output row, shard)
         for p in paths:
-            arr = self.layouts[p].arr
             for i, (s, r) in enumerate(pairs):
                 idx = index[(p, s)]
                 if idx is None or idx[r, 0] == _EMPTY:
-                    continue  # fill value 0
+                    out[p][i] = 0  # fill value
+                    continue
                 off, nb = int(idx[r, 0]), int(idx[r, 1])
-                reqs.append((shard_file_key(arr, s), off, off + nb))
+                reqs.append((p, s, off, off + nb))
                 where.append((p, i, s))
-        blobs = self.backend.read_ranges(reqs)
+        blobs = self._fetch(reqs)
 
         def decode(j: int) -> None:
             p, i, s = where[j]
@@ -195,8 +279,9 @@ class FastChunkReader:
             except Exception as e:  # crc mismatch, codec error, wrong size
                 raise ChunkCorrupt(f"a chunk of {p!r} shard {s} failed to decode: {e}", p, s) from e
 
-        if self.pool is not None and len(where) > 1:
-            list(self.pool.map(decode, range(len(where))))
+        if self.pool is not None and len(where) > 1:   # a few contiguous blocks per thread: little per-task overhead
+            cuts = np.linspace(0, len(where), min(len(where), 4 * self.pool._max_workers) + 1).astype(int)
+            list(self.pool.map(lambda ab: [decode(j) for j in range(*ab)], zip(cuts[:-1], cuts[1:])))
         else:
             for j in range(len(where)):
                 decode(j)

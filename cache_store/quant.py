@@ -113,11 +113,11 @@ def _as_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def dequantize(field: FieldSpec, parts: dict[str, np.ndarray | torch.Tensor],
-               pool: Executor | None = None) -> torch.Tensor:
+               pool: Executor | None = None, pin_memory: bool = False) -> torch.Tensor:
     """{"q", "scale"[, "zero"]} with a leading row axis -> torch tensor [n, *field.shape] in field.dtype.
 
     Row ranges are spread over `pool` (default: one worker thread). Math in float32, one final
-    rounding to the logical dtype (round to nearest even).
+    rounding to the logical dtype (round to nearest even). pin_memory: the result in page-locked memory.
     """
     if field.quant not in ("int8", "int4"):
         raise ValueError(f"field {field.name!r} is not quantised")
@@ -128,7 +128,7 @@ def dequantize(field: FieldSpec, parts: dict[str, np.ndarray | torch.Tensor],
     zero = None
     if field.quant == "int4":
         zero = np.expand_dims(_as_numpy(parts["zero"]).astype(np.float32, copy=False), tuple(a + 1 for a in expand))
-    out = torch.empty((n, *field.shape), dtype=_TORCH_DTYPES[field.dtype])
+    out = torch.empty((n, *field.shape), dtype=_TORCH_DTYPES[field.dtype], pin_memory=pin_memory)
 
     def rows(lo: int, hi: int) -> None:
         buf = np.empty(field.shape, np.float32)  # one example, reused: stays in cache, no page faults

@@ -47,7 +47,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from cache_store.backend import open_backend
+from cache_store.backend import LocalBackend, ShardFileCache, open_backend
 from cache_store.errors import CorruptShard, FingerprintMismatch, StoreNotFound
 from cache_store.fast_read import ChunkCorrupt, FastChunkReader
 from cache_store.ledger import STORE_RECORD, Ledger, ShardRecord, StoreRecord, StoreView
@@ -61,17 +61,38 @@ logger = logging.getLogger(__name__)
 _END = object()
 
 
+class _PinnedAlloc:
+    """An alloc for FastChunkReader.read: uninitialised page-locked torch tensors, handed to the reader as numpy
+    views; the tensors themselves are returned (so torch's caching host allocator sees the non-blocking copies
+    made from them and does not reuse a buffer before its copy is done). Parts of a quantised field that are
+    dequantised on the host are not pinned (only the result is)."""
+
+    def __init__(self, spec: Any, dequantize: bool) -> None:
+        self.host = {a.path for a in spec.stored_arrays() if spec.field(a.field).quant is not None} if dequantize else set()
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __call__(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if path in self.host:
+            return np.empty(shape, dtype)
+        t = torch.empty(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype, pin_memory=True)
+        self.tensors[path] = t
+        return t.numpy()
+
+
 class StoreReader(StoreView):
     def __init__(
         self, url: str, storage_options: dict[str, Any] | None = None, expected_fingerprint: str | None = None,
         verify: bool = False, expected_fingerprint_fields: dict[str, Any] | None = None, fast_read: bool = True,
-        decode_threads: int | None = None,
+        decode_threads: int | None = None, cache_dir: str | None = None, cache_bytes: int = 0,
     ) -> None:
         """fast_read: read chunks directly (fast_read.py); False reads through zarr (reference path).
-        decode_threads: threads decompressing a batch (default min(4, cpus))."""
+        decode_threads: threads decompressing a batch (default min(4, cpus)).
+        cache_dir: for a remote store, keep whole shard files on this local disk (one GET per file, shared by the
+        processes of a host; backend.ShardFileCache), at most cache_bytes (0 = unbounded)."""
         self._init_args = (url, storage_options, expected_fingerprint, verify, expected_fingerprint_fields,
-                           fast_read, decode_threads)
+                           fast_read, decode_threads, cache_dir, cache_bytes)
         self._fast_opts = (bool(fast_read), decode_threads)
+        self._cache_opts = (cache_dir, int(cache_bytes))
         self.backend = open_backend(url, storage_options)
         self.ledger = Ledger(self.backend)
         rec = self.ledger.read_store()
@@ -142,19 +163,26 @@ class StoreReader(StoreView):
                 store = self.backend.zarr_store(read_only=True)
                 self._arrays = ensure_arrays(store, self.spec, self.num_shards, create=False)
                 if self._fast_opts[0]:
+                    cache_dir, cache_bytes = self._cache_opts
+                    cache = (ShardFileCache(self.backend, cache_dir, cache_bytes)
+                             if cache_dir and not isinstance(self.backend, LocalBackend) else None)
                     self._fast = FastChunkReader.for_arrays(self.backend, self.spec, self._arrays,
-                                                            decode_threads=self._fast_opts[1])
+                                                            decode_threads=self._fast_opts[1], cache=cache)
                     if self._fast is not None:
-                        self._fast.expected_bytes = self._expected_bytes
+                        self._fast.expected_file = self._expected_file
             return self._arrays
 
-    def _expected_bytes(self, path: str, shard_id: int) -> int:
-        """Bytes the ledger record says array `path` of shard `shard_id` has on disk (0: no file was written)."""
+    def _expected_file(self, path: str, shard_id: int) -> dict[str, Any]:
+        """{"bytes", "sha256"} the ledger record gives array `path` of shard `shard_id` ({"bytes": 0}: no file)."""
         rec = self.ledger.read_shard(shard_id)
         if rec is None:
             raise CorruptShard(f"shard {shard_id} of store {self.url} has no ledger record; rerun the cache build "
                                "(finished shards are kept)", [shard_id])
-        return int(rec.arrays.get(path, {}).get("bytes", 0))
+        return rec.arrays.get(path) or {"bytes": 0}
+
+    def _expected_bytes(self, path: str, shard_id: int) -> int:
+        """Bytes the ledger record says array `path` of shard `shard_id` has on disk (0: no file was written)."""
+        return int(self._expected_file(path, shard_id).get("bytes", 0))
 
     def _check_files(self, paths: list[str], shard_ids: np.ndarray) -> None:
         """zarr reads a missing shard file as fill values (zeros): refuse instead, once per (array, shard)."""
@@ -205,13 +233,27 @@ class StoreReader(StoreView):
             if s not in self._verified:
                 self.verify_shard(s)
 
-    def get_batch(self, indices: Sequence[int] | np.ndarray, dequantize: bool = True) -> dict[str, torch.Tensor]:
+    def get_batch(self, indices: Sequence[int] | np.ndarray, dequantize: bool = True,
+                  fields: Sequence[str] | None = None, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """Rows `indices` (any order, repeats allowed) -> {field: tensor [len(indices), *shape]}.
 
         dequantize=False returns a quantised field `k` as its stored parts "k.q", "k.scale"
         (and "k.zero") instead, for `cache_store.quant.dequantize_torch` on the GPU (half the bytes
-        to move, no CPU dequantisation)."""
-        return self._read(indices, self.spec.field_names, dequantize=dequantize)
+        to move, no CPU dequantisation). fields: read only these (default: all). pin_memory: decode
+        straight into page-locked tensors (torch's caching host allocator; needs CUDA), ready for
+        `.to("cuda", non_blocking=True)` without another copy."""
+        names = self.spec.field_names if fields is None else [self.spec.field(n).name for n in fields]
+        return self._read(indices, names, dequantize=dequantize, pin_memory=pin_memory)
+
+    def readahead(self, indices: Sequence[int] | np.ndarray, fields: Sequence[str] | None = None) -> None:
+        """Start fetching, in the background, the shard files rows `indices` will need (remote store with a
+        cache_dir; otherwise nothing)."""
+        self._get_arrays()
+        if self._fast is None or self._fast.cache is None:
+            return
+        names = self.spec.field_names if fields is None else list(fields)
+        sid, _ = self.locate(indices)
+        self._fast.readahead([a.path for a in self.spec.stored_arrays() if a.field in names], sid)
 
     def expand_quantized(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A get_batch(..., dequantize=False) batch, moved to any device -> the dequantised batch
@@ -230,8 +272,10 @@ class StoreReader(StoreView):
         return self._read(np.arange(len(self)) if indices is None else indices, [name])[name]
 
     def _read(self, indices: Sequence[int] | np.ndarray, names: list[str],
-              snapshot: tuple[np.ndarray, np.ndarray] | None = None, dequantize: bool = True) -> dict[str, torch.Tensor]:
+              snapshot: tuple[np.ndarray, np.ndarray] | None = None, dequantize: bool = True,
+              pin_memory: bool = False) -> dict[str, torch.Tensor]:
         sid, local = self.locate(indices, snapshot)
+        alloc = None
         if self.verify:
             self._verify_once(sid)
         arrays = self._get_arrays()
@@ -239,7 +283,8 @@ class StoreReader(StoreView):
         paths = [a.path for a in self.spec.stored_arrays() if a.field in names]
         try:
             if self._fast is not None:
-                cols = self._fast.read(paths, sid, local)
+                alloc = _PinnedAlloc(self.spec, dequantize) if pin_memory else None
+                cols = self._fast.read(paths, sid, local, alloc=alloc)
             else:
                 self._check_files(paths, sid)
                 uniq, inv = np.unique(sid * self.shard_size + local, return_inverse=True)
@@ -259,13 +304,17 @@ class StoreReader(StoreView):
                     "rerun the cache build with the same config (finished shards are kept)", bad,
                 ) from e
             raise
+        pinned = alloc.tensors if self._fast is not None and alloc is not None else {}
         out: dict[str, torch.Tensor] = {}
         for f in fields:
-            if f.quant is not None and not dequantize:
-                out.update({p: torch.from_numpy(cols[p]) for p in paths if p.startswith(f.name + ".")})
+            if f.name in pinned:
+                out[f.name] = pinned[f.name].view(torch.bfloat16) if f.dtype == "bfloat16" else pinned[f.name]
+            elif f.quant is not None and not dequantize:
+                out.update({p: pinned.get(p, torch.from_numpy(cols[p])) for p in paths if p.startswith(f.name + ".")})
             elif f.quant is not None:
                 parts = {p.rsplit(".", 1)[1]: cols[p] for p in paths if p.startswith(f.name + ".")}
-                out[f.name] = _dequantize(f, parts, pool=self._fast.pool if self._fast is not None else None)
+                out[f.name] = _dequantize(f, parts, pool=self._fast.pool if self._fast is not None else None,
+                                          pin_memory=pin_memory)
             elif f.dtype == "bfloat16":
                 out[f.name] = torch.from_numpy(np.ascontiguousarray(cols[f.name]).view(np.int16)).view(torch.bfloat16)
             else:

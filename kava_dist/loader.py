@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator, Sequence
@@ -161,23 +162,33 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class _Prefetcher:
-    """Runs `produce(i)` for i in order on a background thread, `depth` items ahead."""
+    """Runs `produce(i)` for i in order on a background thread, `depth` items ahead (a bounded queue); closing it
+    stops the thread even while it waits on a full queue."""
 
     def __init__(self, produce, items: Sequence, depth: int = 2):
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(produce, items), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(produce, items), daemon=True,
+                                        name="kava-loader-prefetch")
         self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _run(self, produce, items):
         try:
             for it in items:
-                if self._stop.is_set():
+                if self._stop.is_set() or not self._put(("ok", produce(it))):
                     return
-                self._q.put(("ok", produce(it)))
         except BaseException as e:  # surfaced in the consumer
-            self._q.put(("err", e))
-        self._q.put(("end", None))
+            self._put(("err", e))
+        self._put(("end", None))
 
     def __iter__(self):
         while True:
@@ -190,6 +201,7 @@ class _Prefetcher:
 
     def close(self):
         self._stop.set()
+        self._thread.join(timeout=10)
 
 
 class TokenLoader:
@@ -271,26 +283,46 @@ def align_store(reader, encoded: Sequence[Encoded]) -> tuple[list[Encoded], np.n
     return items, rows, info
 
 
+TARGET_FIELDS = ("k", "v", "valid", "codi_h", "example_id")
+"""The store fields a student step uses (example_id only to check the row); `index` and `cot_len` are not read."""
+
+
 class StoreLoader(TokenLoader):
     """Micro-batches whose teacher targets come from the store (one batched, chunk-aligned read each).
 
-    `items` and `rows` come from `align_store`: the plan indexes `items`, row `rows[i]` holds item i's targets."""
+    `items` and `rows` come from `align_store`: the plan indexes `items`, row `rows[i]` holds item i's targets.
+    Each micro-batch is read in plan order straight into its output tensors (page-locked with CUDA, so no second
+    copy is made to pin it), only the fields a step uses, on the prefetch thread (decompression on the reader's
+    decode threads, which release the GIL). `readahead` micro-batches beyond the prefetch queue, the reader
+    starts fetching the shard files they need (a remote store with a local cache_dir; otherwise nothing)."""
 
     def __init__(self, reader, items: Sequence[Encoded], rows: np.ndarray, plan: GlobalBatchPlan, rank: int,
-                 pad_id: int, prefetch: int = 4, dtype: torch.dtype | None = None):
+                 pad_id: int, prefetch: int = 4, dtype: torch.dtype | None = None, readahead: int = 16):
         super().__init__(items, plan, rank, pad_id, prefetch)
         if len(rows) != len(self.encoded):
             raise ValueError(f"{len(rows)} store rows for {len(self.encoded)} items; build both with align_store().")
         self.reader, self.rows, self.dtype = reader, np.asarray(rows, dtype=np.int64), dtype
+        self.readahead = readahead
+
+    def _keys(self, start_step: int, num_steps: int):
+        keys = super()._keys(start_step, num_steps)
+        ahead = getattr(self.reader, "readahead", None)
+        if ahead is None or self.readahead <= 0:
+            yield from keys
+            return
+        window: deque = deque()
+        for key in keys:                       # announce each micro-batch `readahead` keys before it is read
+            window.append(key)
+            ahead(self.rows[key[2]], fields=TARGET_FIELDS)
+            if len(window) > self.readahead:
+                yield window.popleft()
+        yield from window
 
     def _make(self, key):
         step, micro, idx = key
         items = [self.encoded[i] for i in idx]
         rows = self.rows[idx]
-        order = np.argsort(rows, kind="stable")             # read in store order, hand back in plan order
-        arrays = self.reader.get_batch(rows[order].tolist())
-        inv = torch.from_numpy(np.argsort(order))
-        arrays = {k: v[inv] for k, v in arrays.items()}
+        arrays = self.reader.get_batch(rows, fields=TARGET_FIELDS, pin_memory=torch.cuda.is_available())
         got = arrays["example_id"].tolist()
         want = [e.id for e in items]
         if got != want:

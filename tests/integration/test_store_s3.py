@@ -94,3 +94,53 @@ def test_s3_exclusive_create_and_claims(s3_store: tuple[str, dict]) -> None:
     with pytest.raises(ShardClaimed):
         w.write_shard(1, data(1))
     assert w.done_shards() == [] and held.gen == 0
+
+
+def _target_store(url: str, so: dict, shards: int = 4, rows: int = 8) -> list[int]:
+    """A store with the training spec's fields (tiny dims) on S3; returns the example ids in row order."""
+    from kava_dist.config import load_config
+    from kava_dist.targets import store_spec
+
+    spec = store_spec(load_config(None, ["latent.num_latents=6", f"store.shard_examples={rows}"]), dims=(2, 2, 32, 64))
+    w = StoreWriter.create_or_open(url, spec, "fp", {}, num_shards=shards, storage_options=so)
+    g = torch.Generator().manual_seed(0)
+    ids = []
+    for s in range(shards):
+        eid = torch.arange(rows) * shards + s                 # rows of a shard are not consecutive examples
+        ids += eid.tolist()
+        w.write_shard(s, {"k": torch.randn(rows, 2, 2, 6, 32, generator=g).bfloat16(),
+                          "v": torch.randn(rows, 2, 2, 6, 32, generator=g).bfloat16(),
+                          "valid": torch.ones(rows, 2, 2, 6, dtype=torch.bool),
+                          "codi_h": torch.randn(rows, 2, 64, generator=g).bfloat16(),
+                          "index": torch.zeros(rows, 2, 2, 6, dtype=torch.int16), "example_id": eid,
+                          "cot_len": torch.ones(rows, dtype=torch.int32)})
+    return ids
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("cache,most", [(True, 1.0), (False, 3.0)])
+def test_s3_training_epoch_requests_per_example(tmp_path, cache: bool, most: float) -> None:
+    """Open the store, scan example ids, train one epoch through StoreLoader (micro-batch 4, 8 shards of 16 rows):
+    every request the S3 server saw, over the examples read. With a local cache_dir (whole shard files, one GET
+    each) at most 1 per example; without, ranged reads of k, v, codi_h only (small files whole) at most 3.
+    Reading every field of every row chunk by chunk cost ~8 per example."""
+    from bench.moto_counting import CountingMoto
+    from kava_dist.loader import GlobalBatchPlan, StoreLoader, align_store
+    from kava_dist.prompts import Encoded
+
+    with CountingMoto(log_path=str(tmp_path / 'moto.log')) as s3:
+        url, so = s3.bucket_url(), s3.storage_options
+        ids = _target_store(url, so, shards=8, rows=16)
+        items = [Encoded(id=i, question_ids=[1, 5], cot_ids=[6], prompt_ids=[7], answer_ids=[8, 2]) for i in range(128)]
+        s3.reset()
+        reader = StoreReader(url, storage_options=so, **({"cache_dir": str(tmp_path / "cache")} if cache else {}))
+        aligned, rows, _ = align_store(reader, items)
+        plan = GlobalBatchPlan(len(aligned), 8, 4, 1, seed=0)
+        loader = StoreLoader(reader, aligned, rows, plan, 0, pad_id=0)
+        seen = [b.ids.tolist() for _, _, b, t in loader.iterate(0, plan.steps_per_epoch)]
+        counts = s3.counts()
+    n = sum(map(len, seen))
+    assert n == 128 and sorted(sum(seen, [])) == sorted(ids)
+    requests = sum(counts["requests"].values())
+    print(f"cache={cache}: {requests} requests ({counts}) for {n} examples")
+    assert requests <= most * n, counts

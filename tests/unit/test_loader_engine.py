@@ -11,7 +11,7 @@ import torch
 
 from kava_dist import engine as E
 from kava_dist.config import load_config, save_config
-from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store, padded_length, plan_for
+from kava_dist.loader import TARGET_FIELDS, GlobalBatchPlan, StoreLoader, TokenLoader, align_store, padded_length, plan_for
 from kava_dist.prompts import Encoded
 
 CPU = torch.device("cpu")
@@ -152,6 +152,7 @@ class FakeReader:
     def __init__(self, ids: list[int]):
         self.ids = np.array(ids, dtype=np.int64)
         self.reads: list[list[int]] = []
+        self.fields: list[tuple[str, ...]] = []
 
     def __len__(self):
         return len(self.ids)
@@ -160,8 +161,9 @@ class FakeReader:
         assert name == "example_id"
         return self.ids
 
-    def get_batch(self, rows):
+    def get_batch(self, rows, fields=None, pin_memory=False):
         self.reads.append(list(rows))
+        self.fields.append(tuple(fields))
         ids = torch.from_numpy(self.ids[rows])
         n = len(rows)
         k = ids.view(n, 1, 1, 1, 1).float().expand(n, 2, 1, 3, 4).clone()
@@ -169,7 +171,7 @@ class FakeReader:
                 "codi_h": ids.view(n, 1).float().expand(n, 2).clone(), "example_id": ids}
 
 
-def test_store_loader_follows_data_order_and_reads_rows_sorted():
+def test_store_loader_follows_data_order_and_reads_only_the_fields_a_step_uses():
     items = enc(16)
     rng = np.random.default_rng(0)
     stored = [e.id for e in items[:14]]                    # two examples quarantined by the build
@@ -183,7 +185,43 @@ def test_store_loader_follows_data_order_and_reads_rows_sorted():
         assert b.ids.tolist() == b2.ids.tolist()            # same examples as the online stage
         assert t.k_BLHMD[:, 0, 0, 0, 0].long().tolist() == b.ids.tolist()
         assert t.codi_BLd[:, 0].long().tolist() == b.ids.tolist()
-    assert all(r == sorted(r) for r in reader.reads)
+    assert reader.fields == [TARGET_FIELDS] * len(reader.reads) and "index" not in TARGET_FIELDS
+
+
+def test_store_loader_on_a_real_store_gives_each_example_its_own_targets(tmp_path):
+    from cache_store import FieldSpec, StoreReader, StoreSpec, StoreWriter
+
+    spec = StoreSpec(fields=(FieldSpec("k", (2, 1, 3, 4), "bfloat16"), FieldSpec("v", (2, 1, 3, 4), "bfloat16"),
+                             FieldSpec("valid", (2, 1, 3), "bool"), FieldSpec("codi_h", (2, 8), "bfloat16"),
+                             FieldSpec("index", (2, 1, 3), "int16"), FieldSpec("example_id", (), "int64"),
+                             FieldSpec("cot_len", (), "int32")), shard_size=4)
+    items = enc(14)
+    ids = np.random.default_rng(3).permutation([e.id for e in items])           # rows in another order than data
+    w = StoreWriter.create_or_open(str(tmp_path / "s"), spec, "fp", {}, num_shards=4)
+    for s in range(4):
+        part = torch.from_numpy(ids[4 * s:4 * s + 4])
+        n = len(part)
+        k = part.view(n, 1, 1, 1, 1).float().expand(n, 2, 1, 3, 4).bfloat16()
+        w.write_shard(s, {"k": k, "v": -k, "valid": torch.ones(n, 2, 1, 3, dtype=torch.bool),
+                          "codi_h": part.view(n, 1, 1).float().expand(n, 2, 8).bfloat16(),
+                          "index": torch.zeros(n, 2, 1, 3, dtype=torch.int16), "example_id": part,
+                          "cot_len": torch.ones(n, dtype=torch.int32)})
+    reader = StoreReader(w.url)
+    aligned, rows, _ = align_store(reader, items)
+    plan = GlobalBatchPlan(len(aligned), 4, 2, 1, seed=5)
+    seen = []
+    for prefetch in (0, 3):
+        loader = StoreLoader(reader, aligned, rows, plan, 0, pad_id=0, prefetch=prefetch)
+        tok = TokenLoader(aligned, plan, 0, 0, prefetch=0)
+        got = []
+        for (s, m, b, t), (s2, m2, b2, _) in zip(loader.iterate(0, 6), tok.iterate(0, 6)):
+            assert (s, m, b.ids.tolist()) == (s2, m2, b2.ids.tolist())           # the online stage's order
+            assert t.k_BLHMD[:, 1, 0, 2, 3].float().tolist() == [float(i) for i in b.ids.tolist()]
+            assert t.v_BLHMD[:, 0, 0, 0, 0].float().tolist() == [-float(i) for i in b.ids.tolist()]
+            assert t.codi_BLd[:, 1, 7].float().tolist() == [float(i) for i in b.ids.tolist()]
+            got.append(b.ids.tolist())
+        seen.append(got)
+    assert seen[0] == seen[1] and len(seen[0]) == 12
 
 
 def test_store_rows_unknown_to_the_data_are_an_error():
