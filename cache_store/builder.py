@@ -24,7 +24,10 @@ throughput window). A shard counts as done only once its ledger record is publis
 ledger are skipped (resume). A task that raises is retried from the compute (any actor); an actor that dies
 (compute or write) is replaced (started in the background, the others keep working), the claims it held are
 released and its in-flight shards retried; after `max_retries` a shard is reported with its error and item ids
-and the build finishes everything else before returning (`report.ok` is False). A shard claimed by another live
+and the build finishes everything else before returning (`report.ok` is False). A lost node (Ray reports its actors
+dead and the node dead) takes its group's computed shards with it (they sat in its object store): they are
+computed again elsewhere, its writers are not restarted there, and the retries it caused do not count against
+`max_retries`; `report.lost_nodes` names the node and the shards redone. A shard claimed by another live
 writer (a second build on the same store) is deferred, not failed. Quarantined items are recorded per shard in
 meta/quarantine.shard-NNNNNN.json before the shard is published, so they survive a driver crash
 (`collect_quarantine` merges them). Fault injection for tests: see build_actors.py.
@@ -93,6 +96,9 @@ class BuildReport:
     quarantined: list[dict] = field(default_factory=list)
     nodes: dict[str, dict] = field(default_factory=dict)
     """Ray node id -> {"ip", "shards_computed", "shards_written"}: where each shard ran (this run's shards)."""
+    lost_nodes: dict[str, dict] = field(default_factory=dict)
+    """Ray node id -> {"ip", "shards_retried"}: nodes that ran actors of this build and died during it, and the
+    shards that were in flight there (computing, computed and waiting for a write, or writing), redone elsewhere."""
     timeline: list[dict] = field(default_factory=list, repr=False)
 
     @property
@@ -115,7 +121,11 @@ class BuildReport:
                 f"{self.bytes / 2**20:.1f} MiB written, {len(self.quarantined)} examples quarantined, "
                 f"{self.retries} retries, {self.actors_replaced} actors replaced, {self.seconds:.1f} s "
                 f"(actor start {self.startup_s:.1f} s, compute {self.compute_s:.1f} s, write {self.write_s:.1f} s, "
-                f"overlapped {self.overlap_s:.1f} s)")
+                f"overlapped {self.overlap_s:.1f} s)" + "".join(f"; {t}" for t in self.lost_node_lines()))
+
+    def lost_node_lines(self) -> list[str]:
+        return [f"lost node {n} ({v['ip']}): shards {v['shards_retried']} redone on other nodes"
+                for n, v in sorted(self.lost_nodes.items())]
 
 
 def _overlap(timeline: list[dict]) -> float:
@@ -131,6 +141,17 @@ def _overlap(timeline: list[dict]) -> float:
                     lo, hi = max(a["write"][0], b["compute"][0]), min(a["write"][1], b["compute"][1])
                     total += max(0.0, hi - lo)
     return total
+
+
+def _dead_nodes() -> set[str]:
+    """Node ids the cluster reports dead (Ray's GCS; a node is marked dead before its actors are)."""
+    import ray
+
+    try:
+        return {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+    except Exception as e:  # noqa: BLE001 - a GCS hiccup: treat every node as alive, the next failure asks again
+        log.warning("could not list the cluster's nodes: %s", e)
+        return set()
 
 
 def _release_claim_of(writer, shard_id: int, owner: dict) -> None:
@@ -165,7 +186,7 @@ class _Group:
 def build_store(store_args: dict, shards: dict[int, list], make_processor: Callable[[], Any],
                 settings: BuildSettings) -> BuildReport:
     import ray
-    from ray.exceptions import RayError, RayTaskError
+    from ray.exceptions import RayActorError, RayError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm.auto import tqdm
 
@@ -191,14 +212,19 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
     owners: dict[int, dict] = {}                 # id(write actor) -> its claim owner
     wnode: dict[int, tuple[str, str]] = {}       # id(write actor) -> (node id, node ip)
     wload: dict[int, int] = {}                   # id(write actor) -> write tasks queued or running
-    inflight: dict[Any, tuple] = {}              # future -> ("compute", shard, group, arrays ref, actor)
+    inflight: dict[Any, tuple] = {}              # future -> ("compute", shard, group, arrays ref, actor, node)
     #                                                        | ("write", shard, group, actor, meta)
+    used_nodes: dict[str, str] = {}              # node id -> ip: every node that ran an actor of this build
+    lost_on: dict[str, set[int]] = {}            # node id -> shards retried after an actor there died
+    dead_nodes: set[str] = set()                 # nodes found dead so far (their actors are not restarted there)
 
     def spawn_compute(g: _Group):
         a = Compute.remote(make_processor)
         starting[a.node.remote()] = ("node", g, a, time.time())   # placed: its writers start while it loads
 
     def spawn_writer(g: _Group):
+        if g.node in dead_nodes:     # the group's next compute actor starts its writers on its own node
+            return
         opts: dict[str, Any] = dict(num_cpus=settings.cpus_per_writer, max_concurrency=1, max_restarts=0, **runtime)
         if g.node:   # strict: the arrays pass through this node's object store; a lost node replaces its compute
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(g.node, soft=False)
@@ -227,7 +253,7 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
                    and g.computing + len(g.waiting) + g.writing < cap):
                 s = queue.pop(0)
                 arrays_ref, meta_ref = g.compute.compute.options(num_returns=2).remote(s, shards[s])
-                inflight[meta_ref] = ("compute", s, g, arrays_ref, g.compute)
+                inflight[meta_ref] = ("compute", s, g, arrays_ref, g.compute, g.node)
                 g.computing += 1
             while g.waiting and g.writers:
                 w = min(g.writers, key=lambda a: wload[id(a)])
@@ -238,9 +264,16 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
                 wload[id(w)] += 1
                 g.writing += 1
 
-    def retry(s: int, err: str):
-        attempts[s] = attempts.get(s, 0) + 1
+    def retry(s: int, err: str, lost_node: str = ""):
+        """Queue shard s again, or report it failed after max_retries; a retry caused by a lost node is free."""
         last = err.strip().splitlines()[-1] if err.strip() else "?"
+        if lost_node:
+            lost_on.setdefault(lost_node, set()).add(s)
+            report.retries += 1
+            queue.append(s)
+            log.warning("shard %d was in flight on lost node %s; computing it again elsewhere", s, lost_node)
+            return
+        attempts[s] = attempts.get(s, 0) + 1
         if attempts[s] <= settings.max_retries:
             report.retries += 1
             queue.append(s)
@@ -250,6 +283,30 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
                                 "item_ids": [getattr(i, "id", None) for i in shards[s]]}
             bar.update(len(shards[s]))
             log.error("shard %d failed %d times; giving up on it (the others go on): %s", s, attempts[s], last)
+
+    def node_lost(node: str) -> bool:
+        """Whether `node` is dead; the first time, every group there gives back the shards it computed and that
+        wait for a write (their arrays were in that node's object store) and drops its dead write actors."""
+        if not node:
+            return False
+        if node in dead_nodes:
+            return True
+        if node not in _dead_nodes():
+            return False
+        dead_nodes.add(node)
+        log.error("node %s (%s) is lost: its shards are computed again on the other nodes", node,
+                  used_nodes.get(node, "?"))
+        for g in groups:
+            for item in [it for it in g.waiting if it[2].get("node") == node]:
+                g.waiting.remove(item)
+                retry(item[0], "", lost_node=node)
+            for w in list(g.writers):
+                if wnode.get(id(w), ("",))[0] == node:
+                    g.writers.remove(w)
+                    report.actors_replaced += 1
+            if g.node == node and g.compute is not None:
+                replace(g, g.compute, "compute")
+        return True
 
     def replace(g: _Group, actor, kind: str):
         """Replace a dead actor once (its other in-flight tasks fail too and find it already gone)."""
@@ -287,7 +344,7 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
                     "logs (`ray logs`, the dashboard), e.g. out of memory or a module the workers cannot import "
                     "(run with `ray job submit --working-dir .`)") from e
             log.warning("a build %s actor died while starting; starting another: %s", kind, str(e)[-1500:])
-            if kind == "writer" and g.compute is None:
+            if kind == "writer" and (g.compute is None or node_lost(g.node)):
                 return           # e.g. its node is gone: the group's next compute actor starts writers on its node
             (spawn_compute if kind == "compute" else spawn_writer)(g)
             return
@@ -297,8 +354,10 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
             g.writers.append(a)
             owners[id(a)], wload[id(a)] = info["owner"], 0
             wnode[id(a)] = (info.get("node_id", ""), info.get("node_ip", ""))
+            used_nodes[wnode[id(a)][0]] = wnode[id(a)][1]
             return
         g.compute, g.node, g.ip = a, info["node_id"], info.get("node_ip", "")
+        used_nodes[g.node] = g.ip
         for _ in range(n_writers - len(g.writers) - g.writers_starting):   # writers lost while it started
             spawn_writer(g)
         if not report.startup_s:
@@ -308,17 +367,18 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
     def finished(fut):
         entry = inflight.pop(fut)
         if entry[0] == "compute":
-            _, s, g, arrays_ref, actor = entry
+            _, s, g, arrays_ref, actor, node = entry
             g.computing -= 1
             try:
                 meta = ray.get(fut)
             except RayTaskError as e:            # the processor raised: the actor is fine
                 retry(s, str(e))
             except RayError:                     # the actor died (killed, OOM, node lost)
+                lost = node_lost(node)
                 replace(g, actor, "compute")
-                retry(s, traceback.format_exc())
+                retry(s, traceback.format_exc(), lost_node=node if lost else "")
             else:
-                g.waiting.append((s, arrays_ref, meta))
+                g.waiting.append((s, arrays_ref, dict(meta, node=node)))   # its arrays live on that node
             return
         _, s, g, w, meta = entry
         wload[id(w)] -= 1
@@ -328,10 +388,16 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
         except RayTaskError as e:                # the write raised (store error): redo the shard
             retry(s, str(e))
             return
-        except RayError:                         # the writer died
+        except RayActorError:                    # the writer died
             _release_claim_of(writer, s, owners.get(id(w), {}))
+            node = wnode.get(id(w), ("",))[0]
+            lost = node_lost(node)
             replace(g, w, "writer")
-            retry(s, traceback.format_exc())
+            retry(s, traceback.format_exc(), lost_node=node if lost else "")
+            return
+        except RayError:                         # its computed arrays are gone (their node died): compute again
+            node = meta.get("node", "")
+            retry(s, traceback.format_exc(), lost_node=node if node_lost(node) else "")
             return
         if "claimed" in res:
             log.warning("shard %d is held by another live writer; retrying in %.0fs: %s", s, settings.claim_retry_s,
@@ -385,6 +451,9 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
                 a for _, _, a, _ in starting.values()]:
             ray.kill(a, no_restart=True)
     report.seconds = time.time() - t_start
+    gone = _dead_nodes() | dead_nodes if used_nodes else set()
+    for node in sorted(gone & set(used_nodes)):
+        report.lost_nodes[node] = {"ip": used_nodes[node], "shards_retried": sorted(lost_on.get(node, ()))}
     report.overlap_s = _overlap(report.timeline)
     if report.timeline:
         report.active_s = (max(r["write"][1] for r in report.timeline)

@@ -142,6 +142,7 @@ def summary_text(result, stats: dict, data_report: dict, quarantined: list[dict]
         f"{result.overlap_s:.1f} s overlapped with compute)",
         f"  failures        {result.retries} retries, {result.actors_replaced} actors replaced",
     ]
+    lines += [f"  {t}" for t in result.lost_node_lines()]
     for s, f in sorted(result.failed.items()):
         last = f["error"].strip().splitlines()[-1] if f["error"].strip() else "?"
         lines.append(f"  FAILED shard {s} after {f['attempts']} attempts: {last}; example ids {f['item_ids']}")
