@@ -8,6 +8,8 @@ Usage:
     deepspeed --num_gpus 2 bench/train_bench.py --world 2 --shape 1b --compare bench/results/train_1gpu.json
     python bench/train_bench.py --shape tiny --global-batch 8 --rounds 2          # CPU smoke (fp32)
     python bench/train_bench.py --targets store               # student reads targets from a local cache_store
+    python bench/train_bench.py --shape 1b --variants student --targets memory,store,cold,int8,s3,s3-cache
+                                       # the targets paths side by side (bench/store_targets.py), ratios vs memory
     python bench/train_bench.py --shape 1b --variants student,student:train.group_by_length=8 --pool 8 --steps 8
                                        # a variant is STAGE[@FUSED_MODE][:KEY=VALUE...] (its own config overrides)
 
@@ -17,7 +19,9 @@ q/k/v/o, projection MLP, M=24 latents, T=3 Jacobi iterations. Synthetic GSM8k-AU
 question 100 tokens (BOS included), CoT 150 tokens (the last step already dropped), answer segment 10 tokens
 ("The answer is:" 5 + answer 4 + EOS), each of question and CoT drawn uniformly in [0.75, 1.25] x its mean.
 Targets for `student` are produced once by the teacher pass + R-KV eviction of the same model and held as
-CPU bf16 tensors (the form a store read returns), or written to and read back from a local cache_store.
+CPU bf16 tensors (the form a store read returns), or written to stores and read back through the production
+loader (`--targets`, a comma list: memory, store, cold, int8, s3, s3-cache; bench/store_targets.py). Every
+targets kind of one variant trains the same engine (one model), each through its own loader; blocks interleave.
 
 Measurement: each variant has its own engine (a model copy with the same init) so it can use its own
 micro-batch at the same global batch (student 64 / online 32 on 1b, 32 / 16 on 3b, to fit 80 GB). `--rounds`
@@ -62,13 +66,14 @@ from kava_dist import engine as E  # noqa: E402
 from kava_dist.backbone import LatentProjection, add_lora  # noqa: E402
 from kava_dist.config import load_config  # noqa: E402
 from kava_dist.fused import apply_fused  # noqa: E402
-from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for  # noqa: E402
+from kava_dist.loader import TokenLoader, plan_for  # noqa: E402
 from kava_dist.prompts import Encoded, add_special_tokens, collate  # noqa: E402
 from kava_dist.step import Targets, compute_targets  # noqa: E402
 from kava_dist.teacher import teacher_forward  # noqa: E402
 from kava_dist.tiny import char_tokenizer  # noqa: E402
 
 from bench.shapes import LLAMA_1B, LLAMA_3B  # noqa: E402
+from bench.store_targets import TargetSources  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -113,22 +118,6 @@ def synth_examples(n: int, q: int, c: int, a: int, seed: int = 0) -> list[Encode
     return out
 
 
-class MemoryTargetLoader(TokenLoader):
-    """TokenLoader + per-example CPU targets (what a store read returns), stacked per micro-batch in the prefetch
-    thread."""
-
-    def __init__(self, items, targets: dict[int, dict], plan, rank, pad_id):
-        super().__init__(items, plan, rank, pad_id, prefetch=4)
-        self.t = targets
-
-    def _make(self, key):
-        step, micro, idx = key
-        items = [self.encoded[i] for i in idx]
-        rows = [self.t[e.id] for e in items]
-        t = Targets(*(torch.stack([r[k] for r in rows]) for k in ("k", "v", "valid", "codi_h")))
-        return step, micro, collate(items, self.pad_id), t
-
-
 @torch.no_grad()
 def make_targets(model, items, cfg, special, device, bs: int) -> dict[int, dict]:
     """Teacher pass + eviction over every example once; per-example CPU tensors (K/V bf16, as the store holds)."""
@@ -145,26 +134,6 @@ def make_targets(model, items, cfg, special, device, bs: int) -> dict[int, dict]
                          "index": t.index_BLHM[j].to(torch.int16).cpu(), "cot_len": len(e.cot_ids)}
     model.train()
     return out
-
-
-def write_store(path: Path, targets: dict[int, dict], cfg, mc) -> None:
-    """Write the targets into a local cache_store (the student then reads them through StoreLoader)."""
-    from cache_store.writer import StoreWriter
-    from kava_dist.targets import store_spec
-
-    hd = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    spec = store_spec(cfg, dims=(mc.num_hidden_layers, mc.num_key_value_heads, hd, mc.hidden_size))
-    ids = sorted(targets)
-    size = spec.shard_size
-    w = StoreWriter.create_or_open(str(path), spec, "bench", {"bench": True}, num_shards=math.ceil(len(ids) / size))
-    for s in range(math.ceil(len(ids) / size)):
-        part = [targets[i] for i in ids[s * size:(s + 1) * size]]
-        w.write_shard(s, {"k": torch.stack([p["k"] for p in part]), "v": torch.stack([p["v"] for p in part]),
-                          "valid": torch.stack([p["valid"] for p in part]),
-                          "codi_h": torch.stack([p["codi_h"] for p in part]),
-                          "index": torch.stack([p["index"] for p in part]),
-                          "example_id": torch.tensor(ids[s * size:(s + 1) * size], dtype=torch.int64),
-                          "cot_len": torch.tensor([p["cot_len"] for p in part], dtype=torch.int32)})
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -321,7 +290,10 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
     cfg0 = next(iter(cfgs.values()))
     items = synth_examples(args.pool * args.global_batch, args.q_len, args.cot_len, args.ans_len, seed=0)
     plans = {v: plan_for(cfgs[v].train, items, dist.world_size) for v in variants}
-    engines, loaders, tmp, t_gen, targets, patched = {}, {}, None, 0.0, None, {}   # patched: resolved fused mode
+    kinds = [k.strip() for k in args.targets.split(",") if k.strip()]
+    engines, loaders, t_gen, targets, patched, sources = {}, {}, 0.0, None, {}, None   # patched: resolved fused mode
+    runs: list[tuple[str, str]] = []     # (variant, targets kind): what is timed; engines are per variant
+    tmp = tempfile.TemporaryDirectory(prefix="kava_bench_store_", dir=args.store_dir or None)
     for v in variants:
         model, special, mc = random_backbone(shape, cfgs[v], dev, dtype)
         flops = Flops(model, mc, cfg0)
@@ -329,73 +301,72 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
             t_gen = time.perf_counter()
             targets = make_targets(model, items, cfg0, special, dev, micro[v])
             t_gen = time.perf_counter() - t_gen
+            sources = TargetSources(kinds, targets, cfg0, mc, Path(tmp.name) / f"rank{dist.rank}",
+                                    cfg_int8=bench_cfg(shape, args, micro[v], bf16, fused[v], ["store.dtype=int8"]))
         patched[v] = apply_fused(model, fused[v], dev, cfgs[v].train.zero_stage)
-        if stage[v] == "student":
-            if args.targets == "store":
-                from cache_store.reader import StoreReader
-
-                if tmp is None:
-                    tmp = tempfile.TemporaryDirectory(prefix="kava_bench_store_", dir=args.store_dir or None)
-                    write_store(Path(tmp.name) / f"rank{dist.rank}", targets, cfg0, mc)
-                path = Path(tmp.name) / f"rank{dist.rank}"
-                reader = StoreReader(str(path))
-                aligned, rows, _ = align_store(reader, items)
-                loaders[v] = StoreLoader(reader, aligned, rows, plans[v], dist.rank, special.pad)
-            else:
-                loaders[v] = MemoryTargetLoader(items, targets, plans[v], dist.rank, special.pad)
-        else:
-            loaders[v] = TokenLoader(items, plans[v], dist.rank, special.pad, prefetch=4)
+        for kind in (kinds if stage[v] == "student" else ["-"]):
+            loaders[(v, kind)] = (sources.loader(kind, items, plans[v], dist.rank, special.pad) if kind != "-" else
+                                  TokenLoader(items, plans[v], dist.rank, special.pad, prefetch=4))
+            runs.append((v, kind))
         if args.compile:
             E.compile_decoder_layers(model)
         engines[v] = E.build_engine(E.StageModule(model, stage[v], special, cfgs[v]), cfgs[v].train, 100000, dist)
         engines[v].train()
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    round_flops: dict[str, list[float]] = {v: [] for v in variants}     # mean model FLOPs of the steps each round ran
-    round_tokens: dict[str, list[float]] = {v: [] for v in variants}
-    mem: dict[str, float] = {v: 0.0 for v in variants}
+    times: dict[tuple, list[float]] = {r: [] for r in runs}
+    round_flops: dict[tuple, list[float]] = {r: [] for r in runs}     # mean model FLOPs of the steps each round ran
+    round_tokens: dict[tuple, list[float]] = {r: [] for r in runs}
+    mem: dict[tuple, float] = {r: 0.0 for r in runs}
+    per_rank = args.steps * args.global_batch // dist.world_size
     step = 0
     for r in range(args.warmup + args.rounds):
-        for v in variants if r % 2 == 0 else variants[::-1]:
+        for run in runs if r % 2 == 0 else runs[::-1]:
+            v, kind = run
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            dt = run_block(engines[v], loaders[v], step, args.steps, plans[v].accum, dev)
+            sources is not None and kind != "-" and sources.before_block(kind)
+            dt = run_block(engines[v], loaders[run], step, args.steps, plans[v].accum, dev)
+            sources is not None and kind != "-" and sources.after_block(kind, per_rank, r >= args.warmup)
             if dev.type == "cuda":
-                mem[v] = max(mem[v], torch.cuda.max_memory_allocated(dev) / 2**30)
+                mem[run] = max(mem[run], torch.cuda.max_memory_allocated(dev) / 2**30)
             if r >= args.warmup:
-                times[v].append(dt)
+                times[run].append(dt)
                 ran = [[items[i] for i in plans[v].global_indices(s)] for s in range(step, step + args.steps)]
-                round_flops[v].append(statistics.mean(flops.step(stage[v], b) for b in ran))
-                round_tokens[v].append(statistics.mean(sum(e.teacher_len for e in b) for b in ran))
+                round_flops[run].append(statistics.mean(flops.step(stage[v], b) for b in ran))
+                round_tokens[run].append(statistics.mean(sum(e.teacher_len for e in b) for b in ran))
         step += args.steps
+    first = {v: loaders[next(run for run in runs if run[0] == v)] for v in variants}
     if args.profile and dev.type == "cuda":
-        profile_step(engines, loaders, plans, step, dev)
+        profile_step(engines, first, plans, step, dev)
     if args.find_syncs and dev.type == "cuda":
-        find_syncs(engines, loaders, plans, step + 1, dev)
+        find_syncs(engines, first, plans, step + 1, dev)
     # FLOPs: of the global steps each measured round ran (all ranks' examples); reported over all measured rounds
     # (mean step time, mean FLOPs per step). With grouped lengths, steps differ in size: run whole epochs per round
     # (--steps = --pool) so that every variant's rounds hold the same examples.
     out = []
-    for v in variants:
-        t, step_flops = statistics.mean(times[v]), statistics.mean(round_flops[v])
-        tokens = statistics.mean(round_tokens[v])
+    for run in runs:
+        v, kind = run
+        t, step_flops = statistics.mean(times[run]), statistics.mean(round_flops[run])
+        tokens = statistics.mean(round_tokens[run])
         tflops = step_flops / t / 1e12
-        out.append({"shape": shape, "variant": v, "stage": stage[v], "world": dist.world_size,
+        out.append({"shape": shape, "variant": v if kind in ("-", kinds[0]) and len(kinds) == 1 else f"{v} [{kind}]",
+                    "base_variant": v, "stage": stage[v], "world": dist.world_size,
                     "global_batch": args.global_batch, "group_by_length": cfgs[v].train.group_by_length,
                     "micro_batch": micro[v], "accum": plans[v].accum, "precision": "bf16" if bf16 else "fp32",
-                    "targets": args.targets if stage[v] == "student" else "-", "step_s": t, "step_s_all": times[v],
+                    "targets": kind, "step_s": t, "step_s_all": times[run],
                     "mfu_all": [f / x / (args.peak_tflops * 1e12 * dist.world_size)
-                                for f, x in zip(round_flops[v], times[v])],
+                                for f, x in zip(round_flops[run], times[run])],
                     "samples_per_s": args.global_batch / t, "tokens_per_s": tokens / t,
                     "model_tflops_per_step": step_flops / 1e12, "achieved_tflops": tflops,
-                    "mfu": tflops / (args.peak_tflops * dist.world_size), "peak_mem_gib": mem[v],
+                    "mfu": tflops / (args.peak_tflops * dist.world_size), "peak_mem_gib": mem[run],
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "lengths": {"question": args.q_len, "cot": args.cot_len, "answer": args.ans_len},
                     "M": cfg0.latent.num_latents, "T": cfg0.latent.num_iterations, "lora_r": cfg0.lora.r,
                     "compile": args.compile, "fused_kernels": patched[v],
-                    "target_gen_s": t_gen})
+                    "target_gen_s": t_gen, **(sources.summary(kind) if sources is not None and kind != "-" else {})})
     del engines, loaders
-    if tmp is not None:
-        tmp.cleanup()
+    if sources is not None:
+        sources.close()
+    tmp.cleanup()
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -414,7 +385,18 @@ def report(rows: list[dict], args, is_main: bool) -> None:
               + (" (both variants' models resident)" if "," in args.variants else ""),
               flush=True)
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        by = {r["variant"]: r for r in rows if r["shape"] == shape}
+        kinds = list(dict.fromkeys(r["targets"] for r in rows if r["shape"] == shape and r["targets"] != "-"))
+        for base in dict.fromkeys(r["base_variant"] for r in rows if r["shape"] == shape and r["targets"] != "-"):
+            same = {r["targets"]: r for r in rows if r["shape"] == shape and r["base_variant"] == base}
+            ref = same.get("memory")
+            for kind, r in same.items():
+                extra = "".join(f", {k} {r[k]:.3g}" for k in ("requests_per_example", "bytes_per_example",
+                                                               "store_write_s") if r.get(k) is not None)
+                ratio = f" = {r['samples_per_s'] / ref['samples_per_s']:.3f}x memory" if ref and kind != "memory" else ""
+                print(f"[train_bench] shape={shape} {base} targets={kind}: {r['samples_per_s']:.1f} samples/s"
+                      f"{ratio} (MFU {100 * r['mfu']:.1f}%; rounds {', '.join(f'{x:.3f}' for x in r['step_s_all'])} s"
+                      f"{extra})", flush=True)
+        by = {r["variant"]: r for r in rows if r["shape"] == shape and r["targets"] in ("-", kinds[0] if kinds else "-")}
         suffix = lambda name: name.partition(":")[2]  # noqa: E731  (the variant's own overrides)
         for sn, s in by.items():
             if s["stage"] != "student":
@@ -459,7 +441,8 @@ def main(argv=None) -> int:
     ap.add_argument("--q-len", type=int, default=100)
     ap.add_argument("--cot-len", type=int, default=150)
     ap.add_argument("--ans-len", type=int, default=10)
-    ap.add_argument("--targets", choices=("memory", "store"), default="memory")
+    ap.add_argument("--targets", default="memory", help="comma list of the student's targets paths, timed side by "
+                    "side: memory | store | cold | int8 | s3 | s3-cache (bench/store_targets.py)")
     ap.add_argument("--store-dir", default="", help="where --targets store writes (default: the temp dir)")
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 on GPU, fp32 on CPU")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of one device (H100 SXM bf16: 989)")
