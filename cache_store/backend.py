@@ -154,7 +154,8 @@ class LocalBackend(Backend):
         return self._p(rel).read_bytes()
 
     def read_ranges(self, reqs: list[tuple[str, int, int | None]]) -> list[bytes | None]:
-        return _pread_ranges([(str(self._p(rel)), s, e) for rel, s, e in reqs])
+        paths = {rel: str(self._p(rel)) for rel in {r for r, _, _ in reqs}}   # one path check per file
+        return _pread_ranges([(paths[rel], s, e) for rel, s, e in reqs])
 
     def _write_tmp(self, path: Path, data: bytes) -> Path:
         """Write `data` to a temp file beside `path`; on any failure the temp file is removed (ENOSPC -> DiskFull)."""

@@ -113,7 +113,7 @@ def _decode_into(lay: _Layout, buf: bytes, target: np.ndarray) -> None:
 class FastChunkReader:
     def __init__(self, backend: Backend, spec: StoreSpec, layouts: dict[str, _Layout],
                  index_cache_bytes: int = 64 << 20, decode_threads: int | None = None,
-                 cache: ShardFileCache | None = None, small_file_bytes: int = 4 << 20,
+                 cache: ShardFileCache | None = None, small_file_bytes: int = 1 << 20,
                  small_cache_bytes: int = 512 << 20) -> None:
         """cache: local copies of whole shard files (remote stores; one GET per file). small_file_bytes: on a
         remote store without `cache`, shard files up to this size (valid, index, example_id...) are fetched whole
