@@ -1,9 +1,12 @@
-"""Small helpers shared by the cache_store modules (JSON, dict diffs, process identity).
+"""Small helpers shared by the cache_store modules, and by kava_dist and jobs (JSON, dict flattening and diffs,
+byte sizes, process identity). Nothing here knows about models.
 
 Usage::
 
-    from cache_store._util import diff_fields, canonical_json
+    from cache_store._util import diff_fields, canonical_json, flatten, format_bytes
     diff_fields({"a": {"b": 1}}, {"a": {"b": 2}})   # {"a.b": (1, 2)}
+    flatten({"a": {"b": 1}, "c": 2})                # {"a.b": 1, "c": 2}
+    format_bytes(1536)                              # '1.5 KiB'; format_bytes(1536, base=1000) -> '1.5 KB'
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def format_bytes(n: float, base: int = 1024, digits: int = 1) -> str:
+    """A byte count in the largest unit below it (KiB, MiB, ... for base 1024; KB, MB, ... for base 1000), with
+    `digits` decimals; counts under one kilo print as whole bytes."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB") if base == 1024 else ("B", "KB", "MB", "GB", "TB")
+    i = 0
+    while abs(n) >= base and i < len(units) - 1:
+        n, i = n / base, i + 1
+    return f"{int(n)} B" if i == 0 else f"{n:.{digits}f} {units[i]}"
 
 
 _MISSING = "<missing>"

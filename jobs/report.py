@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from cache_store._util import flatten
 from kava_dist.config import KavaConfig, load_config, to_dict
 from kava_dist.evaluate import DATASET_LABELS, DATASET_ORDER, eval_mode, fmt_bytes, load_summaries, summary_markdown
 from kava_dist.guard import redact
@@ -89,16 +90,6 @@ def train_set_label(cfg: KavaConfig) -> str:
     return TRAIN_SETS.get(name, name)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def method_label(cfg: KavaConfig) -> str:
     """The stage's name; a student/online run without L_KV is the CODI-style baseline, without L_CODI PCCoT-style."""
     if cfg.train.stage in ("student", "online") and cfg.loss.alpha_kv == 0:
@@ -121,7 +112,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         by_label.setdefault(g.label, []).append(g)
     for same in by_label.values():         # same label, different configs: name the differing fields
         if len(same) > 1:
-            flats = [_flat(json.loads(g.key)) for g in same]
+            flats = [flatten(json.loads(g.key)) for g in same]
             diff = sorted(k for k in flats[0] if len({json.dumps(f.get(k), default=str) for f in flats}) > 1)
             for g, f in zip(same, flats):
                 g.label += " (" + ", ".join(f"{k}={f.get(k)}" for k in diff[:3]) + ")"
@@ -184,7 +175,7 @@ def table2(groups: list[Group]) -> str:
                        f"{_mean_std(_values(g, d, 'passes_after_prefill'), digits=2)} | "
                        f"{_mean_std(_values(g, d, 'generated_tokens'), digits=2)} | "
                        f"{_mean_std(_values(g, d, 'latency_s'), 1000, 1)} | {fmt_bytes(max(mem)) if mem else '–'} |")
-    out += ["", "Forward passes count every model call (spec 11.9): latent = prefill + T Jacobi passes + forced "
+    out += ["", "Forward passes count every model call: latent = prefill + T Jacobi passes + forced "
             "prompt + one per further token; Full CoT / No-CoT = prefill + one per further token. Latency = batch "
             "wall time / batch size on the device in each run's eval summary.", ""]
     return "\n".join(out)

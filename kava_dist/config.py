@@ -65,7 +65,7 @@ class LoraSettings:
     dropout: float = 0.1
     """LoRA dropout (paper: 0.1)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Modules that get LoRA (spec section 11.8: q/k/v/o; CODI/PCCoT also add gate/up/down_proj)."""
+    """Modules that get LoRA (docs/DEVIATIONS.md D11: q/k/v/o; CODI/PCCoT also add gate/up/down_proj)."""
     train_new_tokens: bool = True
     """Make the embeddings of the added special tokens (<bot>, <eot>, <latent>, pad) trainable."""
 
@@ -177,7 +177,8 @@ class StoreConfig:
     """Compression codec: blosc-zstd | zstd | none."""
     clevel: int = 1
     """Compression level. 1 (default): ~2x less CPU per shard written than 3 for ~5% more bytes on bf16 K/V
-    (1.30x vs 1.37x), which keeps the store write up with an H100 teacher (BENCHMARKS.md); higher saves little."""
+    (1.30x vs 1.37x), which keeps the store write up with an H100 teacher (docs/PERFORMANCE.md, "Cache-build job
+    vs bare teacher forward"); higher saves little."""
     verify: bool = False
     """Check each shard's checksum on first read during training."""
     allow_partial: bool = False
@@ -205,7 +206,8 @@ class BuildConfig:
     writers_per_actor: int = 0
     """Write actors (processes on the teacher's node) per teacher actor: they compress and write shards while the
     teacher computes, one shard at a time each (0 = 6 per GPU teacher, 1 per CPU teacher). Raise it when the
-    build's steady rate trails the teacher and the node has spare cores (BENCHMARKS.md: an H100, 16 cores)."""
+    build's steady rate trails the teacher and the node has spare cores (docs/PERFORMANCE.md, "Cache-build job vs
+    bare teacher forward": an H100, 16 cores)."""
     writer_threads: int = 2
     """zarr codec threads in each write actor (0 = zarr's default, about the node's core count)."""
     cpus_per_writer: float = 0.0
@@ -248,8 +250,9 @@ class TrainConfig:
     """Gradient-norm clip."""
     skip_nonfinite_steps: bool = False
     """bf16: let DeepSpeed skip an optimizer step whose gradients hold inf/NaN (its check_grad_overflow). The check
-    makes the host wait for the GPU every step (BENCHMARKS.md, the sync sites of a student step); off, a non-finite
-    loss or gradient norm stops the run at the next log line, naming the last checkpoint to resume from."""
+    makes the host wait for the GPU every step (docs/PERFORMANCE.md, "Fused student passes": the sync sites of a
+    student step); off, a non-finite loss or gradient norm stops the run at the next log line, naming the last
+    checkpoint to resume from."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
     zero_stage: int = 2
@@ -437,10 +440,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, recursively for mappings on both sides (config inheritance, DeepSpeed overlays)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -457,8 +461,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if parents:
         merged: dict = {}
         for p in [parents] if isinstance(parents, str) else parents:
-            merged = _deep_merge(merged, _read_yaml(path.parent / p, seen + (path,)))
-        data = _deep_merge(merged, data)
+            merged = deep_merge(merged, _read_yaml(path.parent / p, seen + (path,)))
+        data = deep_merge(merged, data)
     return data
 
 

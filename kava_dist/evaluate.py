@@ -9,12 +9,12 @@ Usage:
     extract_answer("so 1,234 dollars. The answer is: 1,234")   # 1234.0
     wilson_interval(50, 100)                                   # (0.4038, 0.5962)
 
-Modes (from `cfg.train.stage`, spec sections 3, 8, 11.9):
+Modes (from `cfg.train.stage`; prompt and extraction: docs/DEVIATIONS.md D13):
     latent  (student, online)  BOS+question | <bot> latents | <eot> "The answer is:" (forced) | answer
     cot     (teacher)          BOS+question | CoT + "The answer is:" + answer, all generated (Full CoT)
     nocot   (nocot)            BOS+question "The answer is:" (forced, one prefill pass) | answer
 
-Forward passes count every model call a question needed (spec 11.9): latent = prefill + T Jacobi passes +
+Forward passes count every model call a question needed: latent = prefill + T Jacobi passes +
 one forced-prompt pass + one pass per further token; cot/nocot = prefill + one pass per further token. The
 prefill is reported separately (`prefill_passes`). A batch runs as long as its slowest row; each row counts
 only the passes it needed (rows that are done stop counting). `generated_tokens` excludes EOS.
@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from cache_store._util import format_bytes
 from kava_dist.backbone import parts
 from kava_dist.config import KavaConfig, LatentConfig
 from kava_dist.guard import confine
@@ -374,7 +375,8 @@ def load_summaries(eval_dir: str | Path) -> dict[str, dict]:
 
 
 def fmt_bytes(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    """Peak memory as the tables show it: '1.23 GiB', '512 MiB'."""
+    return format_bytes(n, digits=2 if n >= 2**30 else 0)
 
 
 def summary_markdown(summaries: dict[str, dict], title: str = "") -> str:
@@ -393,7 +395,7 @@ def summary_markdown(summaries: dict[str, dict], title: str = "") -> str:
         lines.append(f"\nDevice {s0['device']}, dtype {s0['dtype']}, batch {s0['batch_size']}, "
                      f"max_new_tokens {s0['max_new_tokens']}"
                      + (f", M={s0['num_latents']}, T={s0['num_iterations']}" if s0["mode"] == "latent" else "")
-                     + ". Forward passes count every model call (spec 11.9); latency = batch wall time / batch size.")
+                     + ". Forward passes count every model call; latency = batch wall time / batch size.")
     return "\n".join(lines) + "\n"
 
 

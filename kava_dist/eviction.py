@@ -1,6 +1,7 @@
 """KaVa teacher-cache eviction: compress per-(layer, kv-head) CoT keys/values to M slots.
 
-Implements spec section 4 (KaVa's R-KV variant) and section 11 items 1-5, 13:
+Implements the paper's KV-cache compression (KaVa's R-KV variant, arXiv 2510.02312, Listing 1) with the choices
+of docs/DEVIATIONS.md D3-D8 and D21:
 
     S = lam * I + (1 - lam) * R        (lam = 0.1 by default)
 
@@ -35,7 +36,7 @@ Usage::
     kL = k_LBHND.flatten(0, 1); qL = q_LBHAD.flatten(0, 1)
     res = evict(kL, vL, qL, cot_mask.repeat(L, 1), answer_mask.repeat(L, 1), 24)
 
-Decisions beyond the spec:
+Decisions beyond the paper (docs/DEVIATIONS.md D21):
   * Ties are broken by lower CoT position (stable sort), so results are deterministic.
   * The cosine column sums use the exact identity
         sum_{i != j} kn_i . kn_j = (sum_i kn_i) . kn_j - |kn_j|^2

@@ -5,9 +5,10 @@ Usage:
     l_kv = kv_loss(ks_BLHMD, vs_BLHMD, kt_BLHMD, vt_BLHMD, valid_BLHM, kind="smooth_l1", std="layer")
     l_codi = codi_loss(hs_BLd, ht_BLd, kind="smooth_l1", std="layer")
 
-Spec section 5 (and section 11 items 6-7): element-wise loss (smooth-L1 with beta=1, MSE or L1), divided by the
-std of the *detached teacher* target (per layer, K and V apart, or one global std, or not at all), mean over
-the valid slots, and L_KV = (L_K + L_V) / 2. Teacher tensors are always detached here.
+The paper's KV-matching and CODI losses (arXiv 2510.02312; docs/DEVIATIONS.md D9, D10, D20): element-wise loss
+(smooth-L1 with beta=1, MSE or L1), divided by the std of the *detached teacher* target (per layer, K and V apart,
+or one global std, or not at all), mean over the valid slots, and L_KV = (L_K + L_V) / 2. Teacher tensors are
+always detached here.
 """
 from __future__ import annotations
 

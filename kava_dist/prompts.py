@@ -9,7 +9,7 @@ Usage:
 
 Formats read (through `datasets`): .jsonl / .json / .jsonl.gz / .parquet files, `save_to_disk` dirs, and iCoT
 `.txt` files (`question||cot #### answer`). Rows carry `question`, `answer` and either `cot` (a string) or `steps`
-(a list, the `whynlp/gsm8k-aug` form). Sequences follow the spec's sections 3 and 8: no chat template, BOS +
+(a list, the `whynlp/gsm8k-aug` form). Sequences follow PCCoT and CODI (docs/DEVIATIONS.md D13-D14): no chat template, BOS +
 question, CoT steps with the last one dropped, then "The answer is:" + answer (no leading space) + EOS. Malformed
 rows are counted by reason in a `DataReport` and skipped, never fatal.
 """
@@ -179,7 +179,7 @@ def detect_cot_style(cot: str) -> str:
 
 
 def split_steps(cot: str, style: str) -> list[str]:
-    """Split a CoT string into steps (spec section 8): equations, sentences (CODI's '. '), ' + ' or lines."""
+    """Split a CoT string into steps (docs/DEVIATIONS.md D14): equations, sentences (CODI's '. '), ' + ' or lines."""
     cot = cot.strip()
     if not cot:
         return []

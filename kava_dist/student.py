@@ -8,7 +8,8 @@ Usage:
     out.hidden_BLd               # hidden states of all layers at the distillation token (":")
     gen = generate_answers(model, batch, special, cfg.latent, max_new_tokens=16)   # gen.tokens, gen.forward_passes
 
-Sequence (spec section 3): [BOS question (left-padded) | <bot> | <latent> x M | <eot> | prompt answer EOS].
+Sequence (PCCoT's, which the paper uses):
+    [BOS question (left-padded) | <bot> | <latent> x M | <eot> | prompt answer EOS].
 1. prefix pass over question + <bot> + M placeholders; z0 = prj(h[<bot> .. latent_{M-2}]) (the AR shift);
 2. T Jacobi passes, each from the same question cache: z_t = [z_{t-1}[:, :1], prj(h_t[:, :-1])];
 3. answer pass over <eot> + answer on top of the T-th pass's cache (with `latent.cot_curriculum_steps`, the CoT

@@ -11,8 +11,8 @@ Usage:
 The sequence is segment-aligned ([q left-padded | cot right-padded | answer right-padded], see prompts.Batch):
 position ids skip the pads and the attention mask hides them, so every row computes exactly what it would alone.
 q/k/v are captured by forward hooks on the family's q/k/v projections (kava_dist/models/: sliced to the needed
-columns inside the hook) and the family's RoPE is applied with the cos/sin the attention module receives: attention runs in the fused SDPA kernel, never
-with `output_attentions=True` (which forces eager attention).
+columns inside the hook) and the family's RoPE is applied with the cos/sin the attention module receives:
+attention runs in the fused SDPA kernel, never with `output_attentions=True` (which forces eager attention).
 """
 from __future__ import annotations
 
