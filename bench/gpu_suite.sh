@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark calls, as run through the device tool (each part is one call, < 10 min):
+# The GPU benchmark parts (each part runs in under 10 min on the GPUs it names):
 #   part 1: tests/gpu, eval throughput, training (student vs online), cache build 1B again (1 GPU)
 #   part 2: cache build job vs bare forward, store read/write on local disk  (1 GPU)
 #   part 3: 2-GPU scaling of the cache build and of training                 (2 GPUs)
@@ -19,21 +19,32 @@
 #            round: 1B student at micro 256 (+ profile), then student vs online at global 128       (1 H200)
 #   part 15: the same for the 3B shape at micro 128, then the GPU tests                            (1 H200)
 #   part 16: parts 14-15's side-by-side runs again with 2 warm-up and 3 measured rounds (no profile)  (1 H200)
-# Usage on the device: bash bench/gpu_suite.sh PART   (carry .whl, built by ../shared/tools/device_wheels.sh)
-# Results land in $OUT (at most 8 files come back): one log per part + the benches' JSON.
+#   store: training from the store vs from memory, side by side (1B and 3B: memory / local store warm / cold /
+#          int8 / S3 on a local moto server / S3 through the local shard cache), the real jobs end to end
+#          (job_bench: jobs.build_cache then jobs.train), the cache build vs the bare forward   (1 H200, < 9 min)
+# Usage on any GPU machine with kava installed (pip install -e '.[test]'), from the repository root:
+#   bash bench/gpu_suite.sh PART          # e.g. bash bench/gpu_suite.sh store
+# Each part writes its log and the benches' JSON summaries under $OUT (default bench/results/gpu).
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh 1|2|...|16}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ ! -d /tmp/site/ray ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
-  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+part=${1:?usage: gpu_suite.sh 1|2|...|16|store}
+OUT=${OUT:-bench/results/gpu}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 \
+  RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 log=$OUT/part$part.log
-run() { echo "=== $*" | tee -a "$log"; "$@" 2>&1 | grep -v -E "WARNING|Warning|warn\(|FutureWarning" >> "$log"; echo "rc=$?" >> "$log"; }
+run() { echo "=== $*" | tee -a "$log"; "$@" 2>&1 | grep -v -E "WARNING|Warning|warn\(|FutureWarning" >> "$log"; echo "rc=${PIPESTATUS[0]}" >> "$log"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$log"
 case $part in
+  store)
+     # one engine per shape trains from every targets path in turn (interleaved blocks); whole epochs per round
+     run timeout 180 python3 bench/train_bench.py --shape 1b --global-batch 256 --micro-batch 256 --pool 4 --steps 4 \
+       --warmup 1 --rounds 2 --variants student:train.group_by_length=4 --targets memory,store,cold,int8,s3,s3-cache \
+       --out "$OUT/train_targets_1b.json"
+     run timeout 150 python3 bench/train_bench.py --shape 3b --global-batch 128 --micro-batch 128 --pool 4 --steps 4 \
+       --warmup 1 --rounds 2 --variants student:train.group_by_length=4 --targets memory,store,cold,int8,s3 \
+       --out "$OUT/train_targets_3b.json"
+     run timeout 120 python3 bench/job_bench.py --shape 1b --examples 1536 --steps 10 --warmup-steps 4 \
+       --json "$OUT/job_bench_1b.json"
+     run timeout 100 python3 bench/cache_build_bench.py --shapes 1b --examples 2048 --json "$OUT/cache_build_1b.json" ;;
   1) run python3 -m pytest tests/gpu -q -p no:cacheprovider
      run python3 bench/eval_bench.py --shape 1b --batch 64 --iters 5 --json "$OUT/eval_bench.json"
      run python3 bench/train_bench.py --shape 1b,3b --rounds 3 --out "$OUT/train_bench.json"
