@@ -9,7 +9,9 @@ Usage:
     gn = E.grad_norm(ds_engine, cfg.train.zero_stage)          # at the accumulation boundary, before step()
     ds_engine.step()                                           # DeepSpeed handles accumulation boundaries
     E.save_checkpoint(ds_engine, run_dir, step, cfg, extra)    # global_step{N} + client_state + config + RNG
-    step, extra = E.load_checkpoint(ds_engine, run_dir, cfg)   # validates the run's config before resuming
+    resume = E.plan_resume(run_dir, cfg)                       # before build_engine: checks, universal conversion
+    ds_engine = E.build_engine(module, cfg.train, total_steps, dist, load_universal=resume.universal)
+    step, extra = E.load_checkpoint(ds_engine, run_dir, cfg, resume)
     E.export_trainable(ds_engine, tokenizer, run_dir / "adapter", meta, zero_stage)   # gathered under ZeRO-3
 
 The loss is computed inside `StageModule.forward`, so every micro-step goes through `engine(...)`: DeepSpeed's
@@ -21,6 +23,13 @@ here and against the engine. The optimizer is a torch AdamW handed to DeepSpeed 
 build). Schedule: linear warmup over `warmup_ratio` of the steps, then cosine to 0. `train.deepspeed_config`
 names a JSON overlay (configs/deepspeed/*.json) deep-merged over the generated config; it may not set what the
 kava config owns (batch sizes, optimizer, scheduler, precision, ZeRO stage): the error names the field to use.
+
+Resume at another world size (elastic): ZeRO partitions the optimizer state by rank, so a checkpoint written by
+N processes loads as is only into N. `plan_resume` notices the difference from DeepSpeed's own partition files,
+has rank 0 convert the checkpoint once into a DeepSpeed universal checkpoint (`ds_to_universal`, into
+checkpoints/global_stepN_universal, kept beside it), and the engine is built with `checkpoint.load_universal`
+so `load_checkpoint` reshards it to this world size. The step, the scheduler and the loader position come back
+with it; the examples of every later step do not depend on the world size (kava_dist/loader.py).
 """
 from __future__ import annotations
 
@@ -32,6 +41,8 @@ import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +124,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device) -> dict:
-    """The DeepSpeed config of this run: generated from `train.*`, then the `train.deepspeed_config` overlay."""
+def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device, load_universal: bool = False) -> dict:
+    """The DeepSpeed config of this run: generated from `train.*`, then the `train.deepspeed_config` overlay.
+    `load_universal`: the checkpoint to resume is a universal one (`plan_resume`)."""
     accum = accumulation(tc, world_size)
     zero: dict = {"stage": tc.zero_stage}
     if tc.zero_stage >= 2:
@@ -137,6 +149,8 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device) -> 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        cfg["checkpoint"] = {"load_universal": True}
     if not tc.deepspeed_config:
         return cfg
     path = Path(tc.deepspeed_config)
@@ -241,8 +255,9 @@ def _register_zero3_external(model) -> int:
     return n
 
 
-def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist):
-    """torch AdamW (no decay on 1-D params) + cosine-with-warmup, wrapped in a DeepSpeed engine."""
+def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist, load_universal: bool = False):
+    """torch AdamW (no decay on 1-D params) + cosine-with-warmup, wrapped in a DeepSpeed engine.
+    `load_universal`: it will resume from a universal checkpoint (`plan_resume`)."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -254,7 +269,7 @@ def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = cosine_with_warmup(opt, total_steps, tc.warmup_ratio, tc.lr_schedule)
-    ds_cfg = deepspeed_config(tc, dist.world_size, dist.device)
+    ds_cfg = deepspeed_config(tc, dist.world_size, dist.device, load_universal)
     if tc.zero_stage == 3:
         _register_zero3_external(model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg,
@@ -340,8 +355,10 @@ def set_rng_state(st: dict) -> None:
 
 # config fields a resumed run may change without invalidating the checkpoint (a dotted prefix covers its subtree)
 RESUMABLE = {"train.resume", "train.out_dir", "train.save_every", "train.log_every", "train.eval_every",
-             "train.stop_at_step", "train.keep_checkpoints", "eval", "build", "store.path", "store.storage_options",
-             "store.verify"}
+             "train.stop_at_step", "train.keep_checkpoints", "train.micro_batch", "eval", "build", "store.path",
+             "store.storage_options", "store.verify"}
+# train.micro_batch: the global batch and the examples of every step stay; only the split over ranks changes
+UNIVERSAL = "_universal"    # global_stepN_universal: global_stepN converted by ds_to_universal
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -383,8 +400,12 @@ def save_checkpoint(engine, run_dir: Path, step: int, cfg: KavaConfig, extra: di
     tag = f"global_step{step}"
     rank = engine.global_rank
     world = tdist.get_world_size() if tdist.is_initialized() else 1
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
     client = {"step": step, "world_size": world, "rng": rng_state(), "config": redact(to_dict(cfg)),
-              "versions": versions(), **extra}
+              "versions": versions(), **extra,   # what ds_to_universal requires of a checkpoint (no TP/PP merging)
+              UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     try:
         (ckpt / tag).mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), ckpt / tag / f"rng_rank{rank}.pt")
@@ -401,6 +422,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, cfg: KavaConfig, extra: di
     if keep > 0 and rank == 0:
         for old in _ckpt_steps(ckpt)[:-keep]:
             shutil.rmtree(ckpt / f"global_step{old}", ignore_errors=True)
+            shutil.rmtree(ckpt / f"global_step{old}{UNIVERSAL}", ignore_errors=True)
     return ckpt / tag
 
 
@@ -445,17 +467,59 @@ def checkpoint_world_size(tag_dir: Path) -> int | None:
     return len(ranks) or None
 
 
-def load_checkpoint(engine, run_dir: Path, cfg: KavaConfig, tag: str | None = None) -> tuple[int, dict]:
-    """Restore module, optimizer, scheduler, RNG and step from checkpoints/latest (or `tag`), after checking
-    that the saved config equals this one outside RESUMABLE and that the world size is the same."""
+@dataclass
+class Resume:
+    tag: str                   # the checkpoint (config, RNG, example map): checkpoints/<tag>
+    load_tag: str              # what DeepSpeed loads: <tag>, or <tag>_universal at another world size
+    saved_world: int | None    # processes that wrote it (None: ZeRO-0, not partitioned)
+
+    @property
+    def universal(self) -> bool:
+        return self.load_tag != self.tag
+
+
+def _latest_tag(ckpt: Path) -> str:
+    if not (ckpt / "latest").exists():
+        raise FileNotFoundError(f"train.resume=true but {ckpt} holds no checkpoint (no 'latest'). "
+                                "Drop train.resume / --resume, or point train.out_dir at the run to continue.")
+    return (ckpt / "latest").read_text().strip()
+
+
+def convert_command(ckpt: Path, tag: str) -> str:
+    return (f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt / tag} --output_folder "
+            f"{ckpt / (tag + UNIVERSAL)} --inject_missing_state")
+
+
+def to_universal(ckpt: Path, tag: str) -> Path:
+    """Convert checkpoints/<tag> into checkpoints/<tag>_universal with DeepSpeed's ds_to_universal (once: an
+    existing conversion is reused; written under a temporary name and renamed when whole)."""
+    out = ckpt / (tag + UNIVERSAL)
+    if out.is_dir():
+        return out
+    tmp = ckpt / f".{tag}{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    log.info("converting %s into a universal checkpoint: %s", ckpt / tag, " ".join(cmd))
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+        raise RuntimeError(f"ds_to_universal failed on {ckpt / tag} (exit {p.returncode}): {last}")
+    tmp.rename(out)
+    return out
+
+
+def plan_resume(run_dir: Path, cfg: KavaConfig, tag: str | None = None) -> Resume:
+    """What `load_checkpoint` will load, decided before the engine is built (a universal checkpoint needs the
+    engine built with `checkpoint.load_universal`). Checks the saved config; at another world size rank 0
+    converts the checkpoint to a universal one while the other ranks wait. Every rank gets the same answer
+    or the same one-line Refusal."""
     import torch.distributed as tdist
 
     ckpt = Path(run_dir) / "checkpoints"
-    if tag is None:
-        if not (ckpt / "latest").exists():
-            raise FileNotFoundError(f"train.resume=true but {ckpt} holds no checkpoint (no 'latest'). "
-                                    "Drop train.resume / --resume, or point train.out_dir at the run to continue.")
-        tag = (ckpt / "latest").read_text().strip()
+    tag = tag or _latest_tag(ckpt)
     confine(ckpt, tag, "checkpoint tag")    # a tag is a name under checkpoints/, never a path out of it
     if not (ckpt / tag / "config.yaml").exists():
         have = ", ".join(f"global_step{s}" for s in _ckpt_steps(ckpt)) or "none"
@@ -466,21 +530,47 @@ def load_checkpoint(engine, run_dir: Path, cfg: KavaConfig, tag: str | None = No
     if diff:
         raise ValueError(f"cannot resume {ckpt / tag}: the config differs in {'; '.join(diff)}. Resume with the run's "
                          f"own config ({ckpt / tag / 'config.yaml'}) or start a new train.out_dir.")
-    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    dist = tdist.is_initialized()
+    world = tdist.get_world_size() if dist else 1
     saved_world = checkpoint_world_size(ckpt / tag)
-    if saved_world is not None and saved_world != world:    # before DeepSpeed, whose own refusal is a traceback
-        raise Refusal(f"{ckpt / tag} was written by {saved_world} processes, this run has {world}: resume with "
-                      f"{saved_world} processes (the same world size; the global batch and data order do not "
-                      "depend on it, the ZeRO optimizer partitions do).")
-    _, client = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False)
+    if saved_world is None or saved_world == world:
+        return Resume(tag, tag, saved_world)
+    error = [None]
+    if not dist or tdist.get_rank() == 0:
+        try:
+            to_universal(ckpt, tag)
+            log.info("%s was written by %d processes, this run has %d: resuming from its universal checkpoint %s",
+                     ckpt / tag, saved_world, world, ckpt / (tag + UNIVERSAL))
+        except (OSError, RuntimeError) as e:
+            error[0] = str(e)
+    if dist:
+        tdist.broadcast_object_list(error, src=0)    # also the barrier: the conversion is whole when it returns
+    if error[0]:
+        raise Refusal(f"{ckpt / tag} was written by {saved_world} processes, this run has {world}, and converting it "
+                      f"to a universal checkpoint failed: {error[0]}. Resume with {saved_world} processes, or "
+                      f"convert it yourself ({convert_command(ckpt, tag)}) and rerun.")
+    return Resume(tag, tag + UNIVERSAL, saved_world)
+
+
+def load_checkpoint(engine, run_dir: Path, cfg: KavaConfig, resume: Resume | None = None) -> tuple[int, dict]:
+    """Restore module, optimizer, scheduler, RNG and step from `resume` (plan_resume: checkpoints/latest by
+    default, after checking the saved config; a universal checkpoint at another world size)."""
+    ckpt = Path(run_dir) / "checkpoints"
+    resume = resume or plan_resume(run_dir, cfg)
+    if resume.universal and not engine.load_universal_checkpoint():
+        raise RuntimeError(f"{ckpt / resume.load_tag} is a universal checkpoint: build the engine with "
+                           "build_engine(..., load_universal=True).")
+    _, client = engine.load_checkpoint(str(ckpt), tag=resume.load_tag, load_module_strict=False)
     if client is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt / tag}.")
+        raise RuntimeError(f"DeepSpeed could not load {ckpt / resume.load_tag}.")
+    import torch.distributed as tdist
+
     world = tdist.get_world_size() if tdist.is_initialized() else 1
-    if int(client.get("world_size", world)) != world:
-        raise ValueError(f"{ckpt / tag} was written by {client['world_size']} processes, this run has {world}: "
-                         f"resume with {client['world_size']} processes (the data order would match, the ZeRO "
-                         "partitions do not).")
-    mine = ckpt / tag / f"rng_rank{engine.global_rank}.pt"
+    if not resume.universal and int(client.get("world_size", world)) != world:
+        raise ValueError(f"{ckpt / resume.tag} was written by {client['world_size']} processes, this run has {world}: "
+                         f"resume with {client['world_size']} processes, or from its universal checkpoint "
+                         f"({convert_command(ckpt, resume.tag)}).")
+    mine = ckpt / resume.tag / f"rng_rank{engine.global_rank}.pt"
     set_rng_state(torch.load(mine, weights_only=False) if mine.exists() else client["rng"])
     return int(client["step"]), client
 

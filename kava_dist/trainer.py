@@ -151,11 +151,16 @@ class Trainer:
         if tc.resume:   # before the engine: a run whose examples changed is refused cheaply
             self.example_map.check_resume(self.rd.root)
         self.module = E.StageModule(model, tc.stage, self.special, cfg)
-        self.engine = E.build_engine(self.module, tc, self.total_steps, dist)
+        # at another world size: a universal checkpoint, which the engine must be built for
+        resume = E.plan_resume(self.rd.root, cfg) if tc.resume else None
+        self.engine = E.build_engine(self.module, tc, self.total_steps, dist,
+                                     load_universal=bool(resume and resume.universal))
         self.start_step = 0
-        if tc.resume:
-            self.start_step, _ = E.load_checkpoint(self.engine, self.rd.root, cfg)
-            log.info("resumed %s at step %d of %d", self.rd.root, self.start_step, self.total_steps)
+        if resume is not None:
+            self.start_step, _ = E.load_checkpoint(self.engine, self.rd.root, cfg, resume)
+            log.info("resumed %s at step %d of %d%s", self.rd.root, self.start_step, self.total_steps,
+                     f" from {resume.load_tag} (written by {resume.saved_world} processes, resharded to "
+                     f"{dist.world_size})" if resume.universal else "")
         if dist.is_main:   # only now: a refused resume must not overwrite the run's config
             save_config(cfg, self.rd.config)
         self.valid_acc = None

@@ -2,14 +2,17 @@
 
 - a train.out_dir the ranks do not all see is refused at start (`check_shared_out_dir`): two gloo ranks, each
   given its own directory, as two nodes with node-local disks would be; one shared directory passes;
-- a run checkpointed at world size 2 (two processes under the `deepspeed` launcher) resumed at world size 1 is
-  refused with one line, rc 2, before DeepSpeed loads (whose own refusal is a ZeRORuntimeException traceback).
+- a run checkpointed at world size 2 (two processes under the `deepspeed` launcher) resumes at world size 1
+  through a DeepSpeed universal checkpoint (test_multinode_s3_train.py checks its curve and examples); when the
+  conversion fails (here: a truncated optimizer partition) the resume is refused with one line, rc 2, naming the
+  conversion command, before DeepSpeed loads (whose own refusal is a ZeRORuntimeException traceback).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +77,7 @@ def _run(cmd: list[str], log: Path, timeout: int = 240) -> tuple[int, str]:
 
 
 @pytest.mark.timeout(300)
-def test_resume_at_another_world_size_is_one_line(tmp_path):
+def test_resume_at_another_world_size_converts_or_refuses_in_one_line(tmp_path):
     from kava_dist.tiny import save_tiny_checkpoint
 
     ckpt = save_tiny_checkpoint(tmp_path / "tiny", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
@@ -91,10 +94,22 @@ def test_resume_at_another_world_size_is_one_line(tmp_path):
     rc, text = _run([DS, "--num_gpus", "2", "--master_port", str(free_port()), "jobs/train.py", *common,
                      "train.stop_at_step=1"], tmp_path / "ds2.log")
     assert rc == 0, text[-3000:]
+    tag = out / "checkpoints" / "global_step1"
     assert (out / "checkpoints" / "latest").read_text().strip() == "global_step1"
-    rc, text = _run([PY, "-m", "jobs.train", *common, "--resume"], tmp_path / "resume1.log")
+    backup = tmp_path / "backup"
+    shutil.copytree(out, backup)
+    part = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    part.write_bytes(part.read_bytes()[:100])                 # a partition the conversion cannot read
+    rc, text = _run([PY, "-m", "jobs.train", *common, "--resume"], tmp_path / "resume1_bad.log")
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
     assert rc == 2, text[-3000:]
     assert len(errors) == 1 and "written by 2 processes, this run has 1" in errors[0], text[-3000:]
-    assert "resume with 2 processes" in errors[0]
+    assert "Resume with 2 processes" in errors[0] and "deepspeed.checkpoint.ds_to_universal" in errors[0]
     assert "Traceback" not in text and "ZeRORuntimeException" not in text
+    assert not (out / "checkpoints" / "global_step1_universal").exists()      # no half conversion left
+    shutil.rmtree(out)
+    shutil.copytree(backup, out)
+    rc, text = _run([PY, "-m", "jobs.train", *common, "--resume"], tmp_path / "resume1.log")
+    assert rc == 0, text[-3000:]
+    assert "from global_step1_universal (written by 2 processes, resharded to 1)" in text
+    assert (out / "checkpoints" / "latest").read_text().strip() == "global_step2"
