@@ -7,8 +7,9 @@ Usage:
     python -m jobs.train --config configs/tiny_cpu.yaml train.stage=online       # CPU (gloo) or one GPU
     python -m jobs.train --help-config                                           # every field, default, docstring
 
-Overrides are dotted `section.key=value`; `--resume` continues from the run's latest checkpoint (same config,
-same number of processes; RESUMABLE in kava_dist/engine.py lists the fields that may change). Global batch =
+Overrides are dotted `section.key=value`; `--resume` continues from the run's latest checkpoint (same config;
+RESUMABLE in kava_dist/engine.py lists the fields that may change; another number of processes resumes through
+a DeepSpeed universal checkpoint, converted once, docs/CLUSTER.md "Elastic resume"). Global batch =
 train.micro_batch x accumulation x processes: accumulation is derived from train.global_batch, so the same
 config runs on 1, 2 or 8 GPUs with the same optimisation. ZeRO stage: train.zero_stage; DeepSpeed extras:
 train.deepspeed_config=configs/deepspeed/zero3_offload.json. Baselines through the same entry: CODI-style
