@@ -25,7 +25,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import os
 import shutil
 import sys
@@ -81,6 +83,19 @@ def make_data(model: str, n: int, seed: int) -> dict[str, Any]:
     }
 
 
+WRITE_STAGES = {"zarr write (codec + file)": "write_shard_block", "read-back checksums": "shard_checksums",
+                "prepare (copy, finite check, content sha256)": "_prepare", "quantise": "quantize", "fsync": "fsync"}
+
+
+def write_split(prof: cProfile.Profile) -> dict[str, float]:
+    """Seconds (cumulative, this thread) of each write stage, from a profile of StoreWriter.write_shard calls."""
+    st = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    out = {}
+    for stage, fn in WRITE_STAGES.items():
+        out[stage] = sum(v[3] for k, v in st.items() if k[2] in (fn, f"<built-in method posix.{fn}>"))
+    return out
+
+
 def run_one(root: Path, model: str, mode: str, codec: CodecSpec, args: argparse.Namespace) -> dict[str, Any]:
     n = args.n_1b if model == "1b" else args.n_3b
     S = args.shard_size
@@ -89,10 +104,14 @@ def run_one(root: Path, model: str, mode: str, codec: CodecSpec, args: argparse.
     url = str(root / f"{model}-{mode.replace('/', '_')}-{codec.name}{codec.clevel}")
     shards = [make_data(model, min(S, n - i * S), seed=i) for i in range(num_shards)]
     w = StoreWriter.create_or_open(url, spec, "bench", {"model": model, "mode": mode}, num_shards=num_shards)
-    t0 = time.perf_counter()
+    prof = cProfile.Profile()
+    t0, c0 = time.perf_counter(), time.process_time()
+    prof.enable()
     for i, d in enumerate(shards):
         w.write_shard(i, d)
-    t_write = time.perf_counter() - t0
+    prof.disable()
+    t_write, c_write = time.perf_counter() - t0, time.process_time() - c0
+    split = write_split(prof)
     raw_bf16 = n * spec.logical_nbytes
     kv_raw = n * (spec.field("k").logical_nbytes + spec.field("v").logical_nbytes)
 
@@ -143,7 +162,8 @@ def run_one(root: Path, model: str, mode: str, codec: CodecSpec, args: argparse.
         "model": model, "mode": mode, "codec": f"{codec.name}:{codec.clevel}", "examples": n, "shard_size": S,
         "raw_bf16_bytes_per_ex": raw_bf16 / n, "disk_bytes_per_ex": st["bytes_on_disk"] / n,
         "x_raw": st["bytes_on_disk"] / raw_bf16, "x_raw_kv": kv_disk / kv_raw,
-        "write_MBps": raw_bf16 / 1e6 / t_write, "read_ex_per_s": read_eps, "read_parts_ex_per_s": raw_eps,
+        "write_MBps": raw_bf16 / 1e6 / t_write, "write_cpu_MBps": raw_bf16 / 1e6 / max(c_write, 1e-9),
+        "write_split_s": split, "read_ex_per_s": read_eps, "read_parts_ex_per_s": raw_eps,
         "consumer_no_prefetch_ex_per_s": consumer(0), "consumer_prefetch2_ex_per_s": consumer(2),
         "max_rel_err_k": err["k"], "max_rel_err_v": err["v"],
     }
@@ -209,6 +229,10 @@ def main() -> None:
               f"{r['read_parts_ex_per_s'] or float('nan'):10.0f} "
               f"{r['consumer_no_prefetch_ex_per_s']:10.0f} {r['consumer_prefetch2_ex_per_s']:9.0f} "
               f"{r['max_rel_err_k']:9.4f} {r['max_rel_err_v']:9.4f}")
+    print("\nwrite CPU (raw MB per CPU-second of this process; StoreWriter.write_shard's own thread, in seconds):")
+    for r in results:
+        print(f"  {r['model']} {r['mode']} {r['codec']}: {r['write_cpu_MBps']:.0f} MB/s per CPU-second; "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in r["write_split_s"].items()))
     print(f"\nraw bf16 bytes/example: " + ", ".join(
         f"{m} {next(r['raw_bf16_bytes_per_ex'] for r in results if r['model'] == m) / 1e6:.3f} MB"
         for m in dict.fromkeys(r["model"] for r in results)))
