@@ -21,7 +21,7 @@
 #   part 16: parts 14-15's side-by-side runs again with 2 warm-up and 3 measured rounds (no profile)  (1 H200)
 #   store: training from the store vs from memory, side by side (1B and 3B: memory / local store warm / cold /
 #          int8 / S3 on a local moto server / S3 through the local shard cache), the real jobs end to end
-#          (job_bench: jobs.build_cache then jobs.train), the cache build vs the bare forward   (1 H200, < 9 min)
+#          (job_bench: jobs.build_cache then jobs.train), the cache build vs the bare forward  (1 H200, <= 9.5 min)
 # Usage on any GPU machine with kava installed (pip install -e '.[test]'), from the repository root:
 #   bash bench/gpu_suite.sh PART          # e.g. bash bench/gpu_suite.sh store
 # Each part writes its log and the benches' JSON summaries under $OUT (default bench/results/gpu).
@@ -36,15 +36,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv >> "$log"
 case $part in
   store)
      # one engine per shape trains from every targets path in turn (interleaved blocks); whole epochs per round
-     run timeout 180 python3 bench/train_bench.py --shape 1b --global-batch 256 --micro-batch 256 --pool 4 --steps 4 \
+     run timeout 170 python3 bench/train_bench.py --shape 1b --global-batch 256 --micro-batch 256 --pool 4 --steps 4 \
        --warmup 1 --rounds 2 --variants student:train.group_by_length=4 --targets memory,store,cold,int8,s3,s3-cache \
        --out "$OUT/train_targets_1b.json"
-     run timeout 150 python3 bench/train_bench.py --shape 3b --global-batch 128 --micro-batch 128 --pool 4 --steps 4 \
+     run timeout 140 python3 bench/train_bench.py --shape 3b --global-batch 128 --micro-batch 128 --pool 4 --steps 4 \
        --warmup 1 --rounds 2 --variants student:train.group_by_length=4 --targets memory,store,cold,int8,s3 \
        --out "$OUT/train_targets_3b.json"
-     run timeout 120 python3 bench/job_bench.py --shape 1b --examples 1536 --steps 10 --warmup-steps 4 \
+     run timeout 180 python3 bench/job_bench.py --shape 1b --examples 1024 --steps 8 --warmup-steps 3 \
        --json "$OUT/job_bench_1b.json"
-     run timeout 100 python3 bench/cache_build_bench.py --shapes 1b --examples 2048 --json "$OUT/cache_build_1b.json" ;;
+     run timeout 80 python3 bench/cache_build_bench.py --shapes 1b --examples 1024 --json "$OUT/cache_build_1b.json" ;;
   1) run python3 -m pytest tests/gpu -q -p no:cacheprovider
      run python3 bench/eval_bench.py --shape 1b --batch 64 --iters 5 --json "$OUT/eval_bench.json"
      run python3 bench/train_bench.py --shape 1b,3b --rounds 3 --out "$OUT/train_bench.json"
