@@ -41,10 +41,10 @@ OVERRIDES = {
              "train.micro_batch=4", "build.batch_size=8", "store.shard_examples=16"],
     "1b": ["model.dtype=bfloat16", "lora.r=128", "lora.alpha=32", "lora.dropout=0.1", "latent.num_latents=24",
            "latent.num_iterations=3", "train.global_batch=256", "train.micro_batch=256", "train.precision=bf16",
-           "build.batch_size=64", "train.group_by_length=8"],
+           "build.batch_size=64", "train.group_by_length=8", "store.shard_examples=0"],
     "3b": ["model.dtype=bfloat16", "lora.r=128", "lora.alpha=32", "lora.dropout=0.1", "latent.num_latents=24",
            "latent.num_iterations=3", "train.global_batch=128", "train.micro_batch=128", "train.precision=bf16",
-           "build.batch_size=32", "train.group_by_length=8"],
+           "build.batch_size=32", "train.group_by_length=8", "store.shard_examples=0"],
 }
 
 
