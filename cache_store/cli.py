@@ -20,19 +20,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cache_store._util import format_bytes
 from cache_store.errors import CorruptShard, StoreNotFound
 from cache_store.reader import StoreReader
 from cache_store.zarr_io import corrupt_arrays, shard_checksums
 
 logger = logging.getLogger(__name__)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n}"
 
 
 def _info(r: StoreReader, as_json: bool) -> int:
@@ -49,13 +42,13 @@ def _info(r: StoreReader, as_json: bool) -> int:
     print(f"rows:         {st['rows']}")
     ratio = (f"{st['disk_over_raw']:.3f}x of raw, compression ratio {st['compression_ratio']:.2f}"
              if st["disk_over_raw"] and st["compression_ratio"] else "n/a")
-    print(f"bytes:        {_fmt_bytes(st['bytes_on_disk'])} on disk, {_fmt_bytes(st['raw_bytes'])} raw ({ratio})")
+    print(f"bytes:        {format_bytes(st['bytes_on_disk'], base=1000)} on disk, {format_bytes(st['raw_bytes'], base=1000)} raw ({ratio})")
     print(f"codec:        {json.dumps(st['codec'], sort_keys=True)}")
     print("fields:")
     for name, f in st["fields"].items():
         q = f" quant={f['quant']}" if f["quant"] else ""
         fr = f"{f['disk_over_raw']:.3f}x" if f["disk_over_raw"] is not None else "n/a"
-        print(f"  {name:<14} {f['dtype']:<9} {str(tuple(f['shape'])):<22}{q:<12} {_fmt_bytes(f['bytes']):>10} ({fr} of raw)")
+        print(f"  {name:<14} {f['dtype']:<9} {str(tuple(f['shape'])):<22}{q:<12} {format_bytes(f['bytes'], base=1000):>10} ({fr} of raw)")
     return 0
 
 

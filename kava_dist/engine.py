@@ -33,7 +33,6 @@ with it; the examples of every later step do not depend on the world size (kava_
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -49,7 +48,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kava_dist.config import KavaConfig, TrainConfig, load_config, save_config, to_dict
+from cache_store._util import flatten
+from kava_dist import ds_patches
+from kava_dist.config import KavaConfig, TrainConfig, deep_merge, load_config, save_config, to_dict
 from kava_dist.guard import Refusal, confine, disk_full, redact
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ def init_distributed() -> Dist:
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if not cuda:
-        # skip DeepSpeed's ~90 s JIT build of its CPU shared-memory all-reduce (gloo is used instead)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        ds_patches.skip_shm_build()      # gloo is used instead of DeepSpeed's JIT-built CPU all-reduce
         local_procs = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
         if local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:  # don't oversubscribe the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
@@ -117,13 +117,6 @@ OWNED = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_g
          "fp16": "train.precision (fp16 is not supported; use bf16)"}
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device, load_universal: bool = False) -> dict:
     """The DeepSpeed config of this run: generated from `train.*`, then the `train.deepspeed_config` overlay.
     `load_universal`: the checkpoint to resume is a universal one (`plan_resume`)."""
@@ -132,7 +125,7 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device, loa
     if tc.zero_stage >= 2:
         # overlap_comm off: with it DeepSpeed synchronizes the whole device at the end of every backward and per
         # reduced bucket; only the LoRA/projection/token gradients (tens of MB) are reduced, so there is little
-        # communication to overlap and the syncs cost more (BENCHMARKS.md, "Current: fused student passes"). An
+        # communication to overlap and the syncs cost more (docs/PERFORMANCE.md, "Current: fused student passes"). An
         # overlay may turn it on.
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
     if tc.zero_stage == 3:
@@ -168,7 +161,7 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device, loa
     if stage != tc.zero_stage:
         raise ValueError(f"{path} sets zero_optimization.stage={stage} but train.zero_stage={tc.zero_stage}: "
                          f"pass train.zero_stage={stage} (and drop the stage from the overlay).")
-    cfg = _merge(cfg, extra)
+    cfg = deep_merge(cfg, extra)
     zo = cfg["zero_optimization"]
     if zo.get("offload_param") and tc.zero_stage != 3:
         raise ValueError(f"{path} offloads parameters, which needs ZeRO-3: set train.zero_stage=3.")
@@ -278,52 +271,9 @@ def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist, load_univ
     if got[0] * got[1] * got[2] != tc.global_batch or engine.train_batch_size() != tc.global_batch:
         raise RuntimeError(f"DeepSpeed runs micro {got[0]} x accum {got[1]} x world {got[2]} != train.global_batch="
                            f"{tc.global_batch}; check the train.deepspeed_config overlay.")
-    _clip_on_device(engine.optimizer)
-    _no_scalar_uploads()
+    ds_patches.clip_on_device(engine.optimizer)
+    ds_patches.no_scalar_uploads()
     return engine
-
-
-def _no_scalar_uploads() -> None:
-    """DeepSpeed's ZeRO-1/2 grad-norm masks inf/NaN with `torch.tensor(-1.0, device=...)`: a host-to-device copy
-    of a pageable scalar, which waits for the device queue (twice per step). Same in-place fill with a Python
-    scalar (no copy). Process-wide on the module DeepSpeed calls it from; idempotent."""
-    from deepspeed.runtime.zero import stage_1_and_2 as z
-
-    if getattr(z.mask_nan_or_inf_with_val_inplace, "_kava", False):
-        return
-
-    def mask_nan_or_inf_with_val_inplace(input, device=None, val=-1.0):
-        input.masked_fill_(input.isinf() | input.isnan(), -1.0)   # DeepSpeed's marker is -1 whatever `val` says
-
-    mask_nan_or_inf_with_val_inplace._kava = True
-    z.mask_nan_or_inf_with_val_inplace = mask_nan_or_inf_with_val_inplace
-
-
-def _clip_on_device(opt) -> bool:
-    """DeepSpeed's ZeRO-1/2 optimizer checks the gradient norm with `bool(tensor)` before clipping: a host sync
-    every step, after which the GPU idles while the host finishes the step and queues the next forward. This
-    replaces that method on the instance with the same arithmetic kept on the device: a non-finite or negative
-    (DeepSpeed's invalid marker) norm scales the gradients by 1/inf as DeepSpeed's does, a finite one by
-    1 / max(1, norm / clip) (tests/unit/test_loader_engine.py compares the two)."""
-    if type(opt).__name__ != "DeepSpeedZeroOptimizer" or not all(
-            hasattr(opt, a) for a in ("unscale_and_clip_grads", "clip_grad", "loss_scale")):
-        return False
-
-    def unscale_and_clip_grads(grad_groups_flat, total_norm):
-        if opt.clip_grad == 0.0 and opt.loss_scale == 1.0:
-            return
-        combined = opt.loss_scale
-        if opt.clip_grad > 0.0:
-            ref = grad_groups_flat[0][0] if isinstance(grad_groups_flat[0], list) else grad_groups_flat[0]
-            norm = torch.as_tensor(total_norm, dtype=torch.float32, device=ref.device)
-            norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, torch.full_like(norm, float("inf")))
-            combined = torch.clamp((norm / opt.loss_scale + 1e-6) / opt.clip_grad, min=1.0) * opt.loss_scale
-        for grad in grad_groups_flat:
-            for g in grad if isinstance(grad, list) else [grad]:
-                g.data.mul_(1.0 / combined)
-
-    opt.unscale_and_clip_grads = unscale_and_clip_grads
-    return True
 
 
 def grad_norm(engine, zero_stage: int) -> float:
@@ -361,17 +311,10 @@ RESUMABLE = {"train.resume", "train.out_dir", "train.save_every", "train.log_eve
 UNIVERSAL = "_universal"    # global_stepN_universal: global_stepN converted by ds_to_universal
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = prefix + k
-        if key in RESUMABLE:
-            continue
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def _flat(d: dict) -> dict:
+    """Dotted keys of a config dict, without the RESUMABLE fields (a prefix drops its subtree)."""
+    return {k: v for k, v in flatten(d).items()
+            if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)}
 
 
 def config_diff(saved: KavaConfig, current: KavaConfig) -> list[str]:
