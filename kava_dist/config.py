@@ -185,6 +185,16 @@ class StoreConfig:
     """Train on an incomplete store (shards still missing): only the examples it holds, logged and recorded in the
     run's config. Default false: training refuses such a store, naming the missing shards. Not in the fingerprint
     (it selects rows of the same targets, it does not change them)."""
+    cache_dir: str = ""
+    """Training reads of a store on object storage (s3://... or any fsspec URL): a directory on the node's local
+    disk (NVMe) where whole shard files are kept, one GET per file (checked against the sha256 the ledger
+    records), then read locally; the files of upcoming micro-batches download ahead of use. Node-local and shared
+    by the node's ranks (one download per host, through a lock file): give every rank of a node the same path.
+    '' (default): off, ranged GETs straight from the store. Ignored for a local store. Not in the fingerprint."""
+    cache_bytes: int = 0
+    """Most bytes store.cache_dir may hold (least recently used files are evicted and fetched again when read).
+    0 (default): unbounded; give it at least the store's size (`python -m cache_store info URL`) so each file is
+    fetched once per run."""
 
 
 @dataclass
@@ -536,10 +546,14 @@ def validate(cfg: KavaConfig) -> None:
               "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit",
               "train.stop_at_step", "train.keep_checkpoints", "train.save_every", "train.eval_every",
               "train.group_by_length", "train.time_limit_min", "eval.valid_questions",
-              "latent.cot_curriculum_steps"]
+              "latent.cot_curriculum_steps", "store.cache_bytes"]
     for name in nonneg:
         if get_field(cfg, name) < 0:
             raise ConfigError(f"{name}={get_field(cfg, name)} must be >= 0.")
+    if cfg.store.cache_bytes and not cfg.store.cache_dir:
+        raise ConfigError(f"store.cache_bytes={cfg.store.cache_bytes} but store.cache_dir is empty: set "
+                          "store.cache_dir to a directory on the node's local disk (e.g. /local_nvme/kava-cache), or "
+                          "drop store.cache_bytes.")
     if not 0.0 <= cfg.eviction.lam <= 1.0:
         raise ConfigError(f"eviction.lam={cfg.eviction.lam} must be in [0, 1] (0 = redundancy only, 1 = attention only).")
     if not 0.0 <= cfg.lora.dropout < 1.0 or not 0.0 <= cfg.latent.projection_dropout < 1.0:

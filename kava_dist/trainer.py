@@ -60,7 +60,17 @@ def open_store_checked(cfg: KavaConfig):
 
     if not cfg.store.path:
         raise ValueError("train.stage=student needs store.path: build it first with `python -m jobs.build_cache`.")
-    reader = StoreReader(cfg.store.path, storage_options=cfg.store.storage_options or None, verify=cfg.store.verify)
+    sc = cfg.store
+    reader = StoreReader(sc.path, storage_options=sc.storage_options or None, verify=sc.verify,
+                         cache_dir=sc.cache_dir or None, cache_bytes=sc.cache_bytes)
+    if sc.cache_dir:
+        from cache_store.backend import LocalBackend
+
+        if isinstance(reader.backend, LocalBackend):
+            log.info("store.cache_dir=%s is ignored: store %s is on a local filesystem", sc.cache_dir, sc.path)
+        else:
+            log.info("store %s: shard files cached whole in %s (store.cache_bytes=%s)", sc.path, sc.cache_dir,
+                     sc.cache_bytes or "unbounded")
     digest, fields = cache_fingerprint(cfg)
     if reader.fingerprint != digest:
         diff = diff_fields(reader.fingerprint_fields or {}, fields, store_sources(reader.get_meta),

@@ -96,23 +96,26 @@ def test_s3_exclusive_create_and_claims(s3_store: tuple[str, dict]) -> None:
     assert w.done_shards() == [] and held.gen == 0
 
 
-def _target_store(url: str, so: dict, shards: int = 4, rows: int = 8) -> list[int]:
-    """A store with the training spec's fields (tiny dims) on S3; returns the example ids in row order."""
+def _target_store(url: str, so: dict, shards: int = 4, rows: int = 8,
+                  dims: tuple[int, int, int, int] = (2, 2, 32, 64)) -> list[int]:
+    """A store with the training spec's fields (tiny dims: layers, KV heads, head dim, d_model) on S3; returns the
+    example ids in row order."""
     from kava_dist.config import load_config
     from kava_dist.targets import store_spec
 
-    spec = store_spec(load_config(None, ["latent.num_latents=6", f"store.shard_examples={rows}"]), dims=(2, 2, 32, 64))
+    L, H, D, d = dims
+    spec = store_spec(load_config(None, ["latent.num_latents=6", f"store.shard_examples={rows}"]), dims=dims)
     w = StoreWriter.create_or_open(url, spec, "fp", {}, num_shards=shards, storage_options=so)
     g = torch.Generator().manual_seed(0)
     ids = []
     for s in range(shards):
         eid = torch.arange(rows) * shards + s                 # rows of a shard are not consecutive examples
         ids += eid.tolist()
-        w.write_shard(s, {"k": torch.randn(rows, 2, 2, 6, 32, generator=g).bfloat16(),
-                          "v": torch.randn(rows, 2, 2, 6, 32, generator=g).bfloat16(),
-                          "valid": torch.ones(rows, 2, 2, 6, dtype=torch.bool),
-                          "codi_h": torch.randn(rows, 2, 64, generator=g).bfloat16(),
-                          "index": torch.zeros(rows, 2, 2, 6, dtype=torch.int16), "example_id": eid,
+        w.write_shard(s, {"k": torch.randn(rows, L, H, 6, D, generator=g).bfloat16(),
+                          "v": torch.randn(rows, L, H, 6, D, generator=g).bfloat16(),
+                          "valid": torch.ones(rows, L, H, 6, dtype=torch.bool),
+                          "codi_h": torch.randn(rows, L, d, generator=g).bfloat16(),
+                          "index": torch.zeros(rows, L, H, 6, dtype=torch.int16), "example_id": eid,
                           "cot_len": torch.ones(rows, dtype=torch.int32)})
     return ids
 
@@ -144,3 +147,48 @@ def test_s3_training_epoch_requests_per_example(tmp_path, cache: bool, most: flo
     requests = sum(counts["requests"].values())
     print(f"cache={cache}: {requests} requests ({counts}) for {n} examples")
     assert requests <= most * n, counts
+
+
+@pytest.mark.integration
+def test_student_store_opening_with_cache_dir_reads_s3_once_per_example(tmp_path, monkeypatch) -> None:
+    """The training job's store opening (trainer.open_store_checked with store.cache_dir, then align_store and
+    StoreLoader as the trainer builds them): one epoch costs at most 1 request per example on S3, and the resolved
+    config saved with the run holds store.cache_dir / store.cache_bytes with the credentials still redacted.
+    Without passing cache_dir on to the reader the same epoch costs ~2 requests per example (K/V shard files
+    over 1 MiB are read by ranged GETs)."""
+    import yaml
+
+    from bench.moto_counting import CountingMoto
+    from kava_dist import fingerprint
+    from kava_dist.config import load_config, save_config
+    from kava_dist.loader import StoreLoader, align_store, plan_for
+    from kava_dist.prompts import Encoded
+    from kava_dist.trainer import open_store_checked
+
+    monkeypatch.setattr(fingerprint, "cache_fingerprint", lambda cfg: ("fp", {}))   # _target_store's fingerprint
+    with CountingMoto(log_path=str(tmp_path / "moto.log")) as s3:
+        url, so = s3.bucket_url(), {**s3.storage_options, "secret": "kava-test-s3cr3t"}   # moto takes any
+        ids = _target_store(url, so, shards=4, rows=32, dims=(4, 4, 256, 64))   # K/V files > 1 MiB: ranged reads
+        cfg = load_config(None, [f"store.path={url}", f"store.cache_dir={tmp_path / 'nvme'}",
+                                 f"store.cache_bytes={1 << 30}", "train.global_batch=8", "train.micro_batch=4"])
+        cfg.store.storage_options = dict(so)
+        items = [Encoded(id=i, question_ids=[1, 5], cot_ids=[6], prompt_ids=[7], answer_ids=[8, 2])
+                 for i in range(128)]
+        s3.reset()
+        reader = open_store_checked(cfg)
+        aligned, rows, _ = align_store(reader, items)
+        plan = plan_for(cfg.train, aligned, 1)
+        loader = StoreLoader(reader, aligned, rows, plan, 0, pad_id=0)
+        seen = [b.ids.tolist() for _, _, b, _ in loader.iterate(0, plan.steps_per_epoch)]
+        counts = s3.counts()
+    n = sum(map(len, seen))
+    assert n == 128 and sorted(sum(seen, [])) == sorted(ids)
+    requests = sum(counts["requests"].values())
+    print(f"open_store_checked, store.cache_dir set: {requests} requests ({counts}) for {n} examples")
+    assert requests <= n, counts
+    assert any((tmp_path / "nvme").rglob("*")), "no shard file was cached in store.cache_dir"
+
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["store"]
+    assert saved["cache_dir"] == str(tmp_path / "nvme") and saved["cache_bytes"] == 1 << 30
+    assert "kava-test-s3cr3t" not in (tmp_path / "config.yaml").read_text()
