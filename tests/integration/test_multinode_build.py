@@ -4,6 +4,8 @@
   build.num_actors=2 places one teacher actor per node, their write actors on the teacher's node (strict node
   affinity), all writing one store; meta/build_report.json says which node computed
   and wrote every shard;
+- the same build onto an S3 store (moto on 127.0.0.1), the only storage both nodes share in a real cluster
+  without a shared filesystem: both nodes compute and write, and every shard's checksum equals the local build's;
 - a write actor pointed at a path with no store refuses with one line (it never creates a store);
 - writers that published to storage the driver does not see (another node's disk, simulated by redirecting the
   writers to another directory) make the job exit 1: the exit code comes from the driver's own ledger.
@@ -56,13 +58,13 @@ def two_nodes():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_job(data: dict, store: Path, gcs: str) -> int:
+def run_job(data: dict, store, gcs: str, *extra: str) -> int:
     from jobs.build_cache import main
 
     return main(["--config", str(REPO / "configs/tiny_cpu.yaml"), f"model.name_or_path={data['ckpt']}",
                  f"data.train_path={data['jsonl']}", f"store.path={store}", "store.shard_examples=4",
                  "build.batch_size=4", "build.num_actors=2", "build.cpus_per_actor=1", "build.writers_per_actor=1",
-                 "build.max_retries=1", f"build.ray_address={gcs}"])
+                 "build.max_retries=1", f"build.ray_address={gcs}", *extra])
 
 
 @pytest.mark.timeout(240)
@@ -79,6 +81,31 @@ def test_two_nodes_build_one_store(two_nodes, data, tmp_path, monkeypatch):
     for v in nodes.values():                                 # strict placement: written where computed
         assert sorted(v["shards_computed"]) == sorted(v["shards_written"]) and v["ip"] == "127.0.0.1"
     assert sorted(s for v in nodes.values() for s in v["shards_written"]) == shard_ids(store)
+
+
+def _nodes_that_worked(rep: dict, names: dict) -> tuple[set, set]:
+    nodes = rep["nodes"]
+    return ({names[n] for n, v in nodes.items() if v["shards_computed"]},
+            {names[n] for n, v in nodes.items() if v["shards_written"]})
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_build_one_s3_store(two_nodes, data, s3_store, tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("KAVA_BUILD_FAULT", "slow:0.5")
+    url, so = s3_store
+    assert run_job(data, url, two_nodes["gcs"], f"store.storage_options={json.dumps(so)}") == 0
+    fs = fsspec.filesystem("s3", **so)
+    rep = json.loads(fs.cat(f"{url}/meta/build_report.json"))
+    assert rep["ok"] and rep["shards_written"] == rep["shards_total"]
+    assert _nodes_that_worked(rep, two_nodes["names"]) == ({"node_a", "node_b"},) * 2, rep["nodes"]
+    s3_sums = {Path(p).name: json.loads(fs.cat(p))["checksum"] for p in fs.glob(f"{url}/ledger/shard-*.json")}
+
+    local = tmp_path / "local"                                # the same build onto one local path
+    assert run_job(data, local, two_nodes["gcs"]) == 0
+    local_sums = {p.name: json.loads(p.read_text())["checksum"] for p in (local / "ledger").glob("shard-*.json")}
+    assert len(s3_sums) == rep["shards_total"] and s3_sums == local_sums
 
 
 @pytest.mark.timeout(120)
