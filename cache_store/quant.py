@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 
@@ -149,25 +150,36 @@ def dequantize(field: FieldSpec, parts: dict[str, np.ndarray | torch.Tensor],
     return out
 
 
-def dequantize_torch(field: FieldSpec, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Same result as `dequantize`, with torch ops on the parts' device: ship the int8/int4 parts
-    to the GPU (`get_batch(..., dequantize=False)`) and expand them there."""
+def _expand_axes(t: torch.Tensor, field: FieldSpec) -> torch.Tensor:
+    for a in field.quant_reduce_axes:
+        t = t.unsqueeze(a + 1)
+    return t
+
+
+def dequantize_torch(field: FieldSpec, parts: dict[str, torch.Tensor], chunk_elems: int = 1 << 25) -> torch.Tensor:
+    """Same result as `dequantize`, to the last bit, with torch ops on the parts' device: ship the int8/int4 parts
+    to the GPU (`get_batch(..., dequantize=False)`) and expand them there. The same operations in the same order
+    (int -> float32, times the float32 scale, plus the float32 zero for int4, one rounding to the logical dtype),
+    each rounded once, so host and device give identical tensors. Rows go `chunk_elems` elements at a time, so
+    the float32 intermediate stays bounded (128 MiB by default) whatever the batch."""
     if field.quant not in ("int8", "int4"):
         raise ValueError(f"field {field.name!r} is not quantised")
-    scale = parts["scale"].to(torch.float32)
-    for a in field.quant_reduce_axes:
-        scale = scale.unsqueeze(a + 1)
-    q = parts["q"]
-    if field.quant == "int4":
-        lo, hi = q & 0x0F, q >> 4
-        q = torch.stack([lo, hi], dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2)[..., : field.shape[-1]]
-    x = q.to(torch.float32) * scale
-    if field.quant == "int4":
-        zero = parts["zero"].to(torch.float32)
-        for a in field.quant_reduce_axes:
-            zero = zero.unsqueeze(a + 1)
-        x = x + zero
-    return x.to(_TORCH_DTYPES[field.dtype])
+    q_N = parts["q"]
+    n = q_N.shape[0]
+    out_N = torch.empty((n, *field.shape), dtype=_TORCH_DTYPES[field.dtype], device=q_N.device)
+    scale_N = _expand_axes(parts["scale"], field)
+    zero_N = _expand_axes(parts["zero"], field) if field.quant == "int4" else None
+    step = max(1, chunk_elems // max(1, math.prod(field.shape)))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        q = q_N[lo:hi]
+        if field.quant == "int4":
+            q = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2)[..., : field.shape[-1]]
+        x = q.to(torch.float32).mul_(scale_N[lo:hi].to(torch.float32))
+        if zero_N is not None:
+            x.add_(zero_N[lo:hi].to(torch.float32))
+        out_N[lo:hi].copy_(x)              # float32 -> logical dtype (round to nearest even)
+    return out_N
 
 
 def relative_error(x: torch.Tensor | np.ndarray, x_hat: torch.Tensor | np.ndarray) -> torch.Tensor:

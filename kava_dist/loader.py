@@ -287,6 +287,43 @@ TARGET_FIELDS = ("k", "v", "valid", "codi_h", "example_id")
 """The store fields a student step uses (example_id only to check the row); `index` and `cot_len` are not read."""
 
 
+@dataclass
+class QuantizedTargets:
+    """Targets of a micro-batch from an int8/int4 store, as read: each quantised field (`k`, `v`) as its stored
+    parts ("k.q" int8/uint8 values, "k.scale"[, "k.zero"]), page-locked with CUDA, the other fields as read.
+
+    `.to(device)` copies the parts (half the bytes of bf16 for int8) and dequantises them there
+    (cache_store.quant.dequantize_torch), returning plain `Targets`: the same tensors to the last bit as the host
+    dequantisation (`StoreReader.get_batch(..., dequantize=True)`), with the arithmetic on the device."""
+
+    parts: dict[str, torch.Tensor]
+    fields: dict[str, object]
+    """FieldSpec of each quantised field in `parts`, by name."""
+    dtype: torch.dtype | None = None
+    """Cast of the floating targets after dequantisation (StoreLoader's dtype); None keeps the store's dtype."""
+
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "QuantizedTargets | Targets":
+        """Copied to `device` and dequantised there -> Targets. `dtype` alone (no device) only records the cast, so
+        the parts stay quantised until they reach the device; neither (`.to()`): dequantised where they are."""
+        if device is None and dtype is not None:
+            return QuantizedTargets(self.parts, self.fields, dtype)
+        dtype = dtype if dtype is not None else self.dtype
+        from cache_store.quant import dequantize_torch
+
+        moved = {p: t.to(device, non_blocking=non_blocking) for p, t in self.parts.items()}
+        full = {n: moved[n] for n in ("valid", "codi_h") if n in moved}
+        for name, spec in self.fields.items():
+            full[name] = dequantize_torch(spec, {p.rsplit(".", 1)[1]: t for p, t in moved.items()
+                                                 if p.startswith(name + ".")})
+        t = Targets(full["k"], full["v"], full["valid"].bool(), full["codi_h"])
+        return t if dtype is None else t.to(dtype=dtype)
+
+    def pin_memory(self) -> "QuantizedTargets":
+        """A copy in page-locked host memory (parts already pinned are kept as they are)."""
+        return QuantizedTargets({p: t if t.is_pinned() else t.pin_memory() for p, t in self.parts.items()},
+                                self.fields, self.dtype)
+
+
 class StoreLoader(TokenLoader):
     """Micro-batches whose teacher targets come from the store (one batched, chunk-aligned read each).
 
@@ -294,7 +331,11 @@ class StoreLoader(TokenLoader):
     Each micro-batch is read in plan order straight into its output tensors (page-locked with CUDA, so no second
     copy is made to pin it), only the fields a step uses, on the prefetch thread (decompression on the reader's
     decode threads, which release the GIL). `readahead` micro-batches beyond the prefetch queue, the reader
-    starts fetching the shard files they need (a remote store with a local cache_dir; otherwise nothing)."""
+    starts fetching the shard files they need (a remote store with a local cache_dir; otherwise nothing).
+
+    An int8/int4 store's K/V are handed over as their quantised parts (`QuantizedTargets`): the trainer's
+    `.to(device)` copies int8 values and scales and dequantises on the device, so neither the host CPU nor PCIe
+    carries the bf16 targets."""
 
     def __init__(self, reader, items: Sequence[Encoded], rows: np.ndarray, plan: GlobalBatchPlan, rank: int,
                  pad_id: int, prefetch: int = 4, dtype: torch.dtype | None = None, readahead: int = 16):
@@ -322,13 +363,20 @@ class StoreLoader(TokenLoader):
         step, micro, idx = key
         items = [self.encoded[i] for i in idx]
         rows = self.rows[idx]
-        arrays = self.reader.get_batch(rows, fields=TARGET_FIELDS, pin_memory=torch.cuda.is_available())
+        spec = getattr(self.reader, "spec", None)
+        quant = {n: spec.field(n) for n in ("k", "v") if spec.field(n).quant is not None} if spec is not None else {}
+        pin = torch.cuda.is_available()
+        arrays = (self.reader.get_batch(rows, fields=TARGET_FIELDS, pin_memory=pin, dequantize=False) if quant
+                  else self.reader.get_batch(rows, fields=TARGET_FIELDS, pin_memory=pin))
         got = arrays["example_id"].tolist()
         want = [e.id for e in items]
         if got != want:
             raise KeyError(f"store {self.reader.url} rows {rows.tolist()} hold example ids {got}, expected {want}: "
                            "the store changed under the run. Restart the run (it re-reads the row map).")
         batch = collate(items, self.pad_id)
+        if quant:
+            return step, micro, batch, QuantizedTargets({p: a for p, a in arrays.items() if p != "example_id"},
+                                                        quant, self.dtype)
         t = Targets(arrays["k"], arrays["v"], arrays["valid"].bool(), arrays["codi_h"])
         if self.dtype is not None:
             t = t.to(dtype=self.dtype)

@@ -224,6 +224,53 @@ def test_store_loader_on_a_real_store_gives_each_example_its_own_targets(tmp_pat
     assert seen[0] == seen[1] and len(seen[0]) == 12
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_store_loader_hands_quantised_parts_and_dequantises_after_the_move(tmp_path, scheme):
+    """An int8/int4 store: the loader hands over the stored parts (int8/uint8 values + scales, not bf16 K/V), and
+    `.to(device)` (what the trainer does) dequantises after the copy, giving the host dequantisation's tensors to
+    the last bit."""
+    from cache_store import FieldSpec, StoreReader, StoreSpec, StoreWriter
+    from kava_dist.loader import QuantizedTargets
+
+    L, H, M, D = 2, 2, 3, 8
+    spec = StoreSpec(fields=(FieldSpec("k", (L, H, M, D), "bfloat16", quant=scheme, quant_reduce_axes=(2,)),
+                             FieldSpec("v", (L, H, M, D), "bfloat16", quant=scheme, quant_reduce_axes=(3,)),
+                             FieldSpec("valid", (L, H, M), "bool"), FieldSpec("codi_h", (L, 8), "bfloat16"),
+                             FieldSpec("index", (L, H, M), "int16"), FieldSpec("example_id", (), "int64"),
+                             FieldSpec("cot_len", (), "int32")), shard_size=4)
+    items = enc(12)
+    w = StoreWriter.create_or_open(str(tmp_path / "s"), spec, "fp", {}, num_shards=3)
+    g = torch.Generator().manual_seed(0)
+    for s in range(3):
+        eid = torch.tensor([e.id for e in items[4 * s:4 * s + 4]])
+        w.write_shard(s, {"k": torch.randn(4, L, H, M, D, generator=g).bfloat16(),
+                          "v": torch.randn(4, L, H, M, D, generator=g).bfloat16(),
+                          "valid": torch.rand(4, L, H, M, generator=g) > 0.3,
+                          "codi_h": torch.randn(4, L, 8, generator=g).bfloat16(),
+                          "index": torch.zeros(4, L, H, M, dtype=torch.int16), "example_id": eid,
+                          "cot_len": torch.ones(4, dtype=torch.int32)})
+    reader = StoreReader(w.url)
+    aligned, rows, _ = align_store(reader, items)
+    row_of = dict(zip([e.id for e in aligned], rows.tolist()))
+    plan = GlobalBatchPlan(len(aligned), 4, 2, 1, seed=2)
+    n = 0
+    for dtype in (None, torch.float32):
+        loader = StoreLoader(reader, aligned, rows, plan, 0, pad_id=0, prefetch=2, dtype=dtype)
+        for _, _, b, qt in loader.iterate(0, plan.steps_per_epoch):
+            assert isinstance(qt, QuantizedTargets) and qt.parts["k.q"].dtype in (torch.int8, torch.uint8)
+            assert "k" not in qt.parts and qt.parts["k.q"].nbytes <= qt.parts["k.q"].numel()   # 1 byte or less
+            t = qt.to(CPU, non_blocking=True)                                    # the trainer's move
+            ref = reader.get_batch([row_of[i] for i in b.ids.tolist()], fields=TARGET_FIELDS)   # host dequantised
+            for got, want in ((t.k_BLHMD, ref["k"]), (t.v_BLHMD, ref["v"]), (t.codi_BLd, ref["codi_h"])):
+                want = want if dtype is None else want.to(dtype)
+                assert got.dtype == want.dtype
+                bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
+                assert torch.equal(got.view(bits), want.view(bits))
+            assert t.valid_BLHM.dtype == torch.bool and torch.equal(t.valid_BLHM, ref["valid"])
+            n += len(b)
+    assert n == 2 * plan.steps_per_epoch * 4
+
+
 def test_store_rows_unknown_to_the_data_are_an_error():
     with pytest.raises(KeyError, match="training data does not have"):
         align_store(FakeReader([100, 101, 999]), enc(4))

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cache_store.quant import bf16_bits_to_float32, dequantize, pack_int4, quantize, relative_error, unpack_int4
+from cache_store.quant import (
+    bf16_bits_to_float32, dequantize, dequantize_torch, pack_int4, quantize, relative_error, unpack_int4,
+)
 from cache_store.spec import CodecSpec, FieldSpec, StoreSpec, default_shard_size
 
 
@@ -144,3 +146,21 @@ def test_default_shard_size_targets_the_largest_array() -> None:
     assert kv(28, 128).resolved().shard_size == 97
     assert default_shard_size(StoreSpec(fields=(FieldSpec("id", (), "int64"),))) == 4096  # clamp
 
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype,scale_dtype", [("bfloat16", "float16"), ("float16", "float32"), ("float32", "float16")])
+def test_torch_dequantisation_equals_the_host_path_to_the_last_bit(scheme: str, dtype: str, scale_dtype: str) -> None:
+    """dequantize_torch (what the trainer runs on the GPU after copying the parts) and dequantize (the host path)
+    do the same float32 operations in the same order: identical bits, whatever the row chunking."""
+    k, v = kv_like(7, *SHAPE, seed=3)
+    for x, axes in ((k, (2,)), (v, (3,))):
+        f = FieldSpec("x", SHAPE, dtype, quant=scheme, quant_reduce_axes=axes, scale_dtype=scale_dtype)
+        parts = quantize(f, x.float().numpy())
+        host = dequantize(f, parts)
+        tparts = {n: torch.from_numpy(a) for n, a in parts.items()}
+        for chunk in (1 << 25, 1, 3 * int(np.prod(SHAPE))):        # one chunk, one element (-> a row), 3 rows
+            dev = dequantize_torch(f, tparts, chunk_elems=chunk)
+            assert dev.dtype == host.dtype and dev.shape == host.shape
+            bits = {2: torch.int16, 4: torch.int32}[host.element_size()]
+            assert torch.equal(dev.view(bits), host.view(bits))
