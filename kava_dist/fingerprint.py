@@ -7,10 +7,14 @@ Usage:
 Loss weights, LoRA of the student, learning rate, T, seeds of training etc. are *not* in it, so every loss sweep
 reuses one store. In it: teacher backbone (name, revision, GGUF file, a hash of its weight files), teacher
 adapter (content hash), tokenizer (vocab hash), training data (content hash), prompt format, M, every eviction
-field, the teacher compute dtype and the stored precision. The store records `fields`, so a mismatch names them.
+field, the teacher compute dtype, the stored precision, and `targets.code`: a hash of the code that defines the
+targets (`targets_code_version`: kava_dist/eviction.py and teacher.py whole, and the field schema and target
+computation of kava_dist/targets.py; comments, docstrings and formatting do not count), so a changed rule never
+reuses a store built by the old one. The store records `fields`, so a mismatch names them.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from functools import lru_cache
@@ -18,8 +22,52 @@ from pathlib import Path
 
 from kava_dist.config import KavaConfig
 
-FORMAT_VERSION = 1   # bump when the target computation changes in a way no config field shows
+FORMAT_VERSION = 1   # bump when the targets change through code that TARGET_CODE does not cover
 _BIG = 64 << 20
+CODE_FIELD = "targets.code"
+# The code that defines the targets, under kava_dist/: a whole module (()) or named top-level definitions
+# ("Class.method" for a method). Its hash is the fingerprint's `targets.code`.
+TARGET_CODE = {
+    "eviction.py": (),
+    "teacher.py": (),
+    "targets.py": ("TargetField", "FIELDS", "logical_dtype", "Targets", "compute_targets", "store_spec",
+                   "TeacherTargets._batch"),
+}
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _definition(tree: ast.Module, dotted: str, where: str) -> ast.AST:
+    nodes: list = tree.body
+    found = None
+    for name in dotted.split("."):
+        found = next((n for n in nodes if getattr(n, "name", None) == name or any(
+            isinstance(t, ast.Name) and t.id == name for t in getattr(n, "targets", ()))), None)
+        if found is None:
+            raise LookupError(f"{where} has no {dotted}: update TARGET_CODE in kava_dist/fingerprint.py")
+        nodes = getattr(found, "body", [])
+    return found
+
+
+@lru_cache(maxsize=4)
+def targets_code_version(root: str | Path | None = None) -> str:
+    """Hash of the code that defines the targets (TARGET_CODE, read from `root`, default this package's folder),
+    without comments, docstrings or formatting."""
+    h = hashlib.sha256()
+    here = Path(root) if root else Path(__file__).resolve().parent
+    for module, names in TARGET_CODE.items():
+        tree = _strip_docstrings(ast.parse((here / module).read_text(), filename=module))
+        for node in [tree] if not names else [_definition(tree, n, module) for n in names]:
+            h.update(module.encode() + b"\0" + ast.unparse(node).encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 @lru_cache(maxsize=64)
@@ -94,6 +142,7 @@ def cache_fingerprint_fields(cfg: KavaConfig) -> dict[str, object]:
         "eviction.seed": e.seed if e.method == "random" else 0,
         **({"eviction.share": e.share} if e.share != "none" else {}),   # absent = none: older stores still match
         "store.dtype": cfg.store.dtype,
+        CODE_FIELD: targets_code_version(),
     }
 
 

@@ -87,7 +87,7 @@ def test_cache_processor_pipelined_on_cuda(tiny_paths, monkeypatch):
 def test_loader_pins_batches_for_non_blocking_copies(tiny_paths):
     """With CUDA, micro-batches come out of the loader in page-locked memory; a non-blocking copy is exact."""
     from kava_dist.loader import GlobalBatchPlan, TokenLoader
-    from kava_dist.step import Targets
+    from kava_dist.targets import Targets
 
     cfg, model, tok, special = build(tiny_paths, "llama", lora=False)
     _, enc = make_batch(tok, special)

@@ -241,7 +241,7 @@ def test_clean_build_equals_direct_targets(clean, data):
     from cache_store.reader import StoreReader
     from kava_dist.backbone import load_teacher
     from kava_dist.prompts import collate
-    from kava_dist.step import compute_targets
+    from kava_dist.targets import compute_targets
     from kava_dist.teacher import teacher_forward
 
     cfg, enc, shards = planned(data)

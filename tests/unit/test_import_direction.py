@@ -1,4 +1,5 @@
-"""Imports go one way: jobs -> kava_dist -> cache_store (docs/ARCHITECTURE.md), and kava_dist has no import cycle.
+"""Imports go one way: jobs -> kava_dist -> cache_store (docs/ARCHITECTURE.md), kava_dist has no import cycle, and
+the teacher-target contract (kava_dist/targets.py) stands below the student side (student, fused, step).
 
 Every import statement counts, at module level or inside a function (parsed with `ast`, nothing is imported).
 """
@@ -67,6 +68,12 @@ def test_allow_list_is_current():
     found = _violations(("kava_dist", "cache_store", "bench"), ("jobs",))
     found |= _violations(("cache_store",), ("kava_dist",))
     assert ALLOWED - found == set()
+
+
+def test_targets_do_not_import_the_student_side():
+    """The store's contract is read by the build and the loader; it never pulls in the student's passes."""
+    found = _imports(ROOT / "kava_dist" / "targets.py", set(_modules("kava_dist")))
+    assert found & {"kava_dist.student", "kava_dist.fused", "kava_dist.step", "kava_dist.passes"} == set()
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -6,7 +6,8 @@ import torch
 from kava_testing import QUESTIONS, build, make_batch
 from kava_dist.backbone import parts
 from kava_dist.losses import codi_loss, kv_loss
-from kava_dist.step import compute_targets, kava_terms, offline_step, online_step, teacher_step
+from kava_dist.step import kava_terms, offline_step, online_step, teacher_step
+from kava_dist.targets import compute_targets
 from kava_dist.student import student_forward
 from kava_dist.teacher import teacher_forward
 
@@ -73,7 +74,7 @@ def test_student_equal_teacher_gives_zero_distillation(tiny_paths):
     model.eval()
     with torch.no_grad():
         out = student_forward(model, batch, special, cfg.latent)
-        from kava_dist.step import Targets
+        from kava_dist.targets import Targets
         valid = torch.ones(out.k_BLHMD.shape[:-1], dtype=torch.bool)
         t = Targets(out.k_BLHMD, out.v_BLHMD, valid, out.hidden_BLd)
         terms = kava_terms(model, batch, special, t, cfg)
