@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from kava_dist.prompts import Encoded, collate
-from kava_dist.step import Targets
+from kava_dist.targets import READ_FIELDS, Targets
 
 log = logging.getLogger(__name__)
 
@@ -239,26 +239,7 @@ class TokenLoader:
 
 def store_example_ids(reader) -> np.ndarray:
     """`example_id` of every visible store row, in row order (one small read of that field only)."""
-    read_field = getattr(reader, "read_field", None)
-    if read_field is not None:
-        return np.asarray(read_field("example_id"), dtype=np.int64)
-    # cache_store has no public one-field read yet: read the example_id column directly (never the K/V).
-    from cache_store.zarr_io import read_rows
-
-    n = len(reader)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    sid, local = reader.locate(np.arange(n))
-    arrays = reader._get_arrays()
-    fast = getattr(reader, "_fast", None)
-    if fast is not None:
-        col = fast.read(["example_id"], sid, local)["example_id"]
-    else:
-        flat = sid * reader.shard_size + local
-        order = np.argsort(flat)
-        col = np.empty(n, np.int64)
-        col[order] = read_rows(arrays, ["example_id"], flat[order])["example_id"]
-    return np.asarray(col, dtype=np.int64).reshape(-1)
+    return np.asarray(reader.read_field("example_id"), dtype=np.int64)
 
 
 def align_store(reader, encoded: Sequence[Encoded]) -> tuple[list[Encoded], np.ndarray, dict]:
@@ -283,8 +264,8 @@ def align_store(reader, encoded: Sequence[Encoded]) -> tuple[list[Encoded], np.n
     return items, rows, info
 
 
-TARGET_FIELDS = ("k", "v", "valid", "codi_h", "example_id")
-"""The store fields a student step uses (example_id only to check the row); `index` and `cot_len` are not read."""
+TARGET_FIELDS = READ_FIELDS
+"""The store fields a student step uses (kava_dist.targets.FIELDS: example_id only to check the row)."""
 
 
 @dataclass
@@ -377,7 +358,7 @@ class StoreLoader(TokenLoader):
         if quant:
             return step, micro, batch, QuantizedTargets({p: a for p, a in arrays.items() if p != "example_id"},
                                                         quant, self.dtype)
-        t = Targets(arrays["k"], arrays["v"], arrays["valid"].bool(), arrays["codi_h"])
+        t = Targets.from_arrays(arrays)
         if self.dtype is not None:
             t = t.to(dtype=self.dtype)
         return step, micro, batch, t
