@@ -6,7 +6,8 @@ Kinds (`--targets` of bench/train_bench.py):
     store     a local store, page cache warm (read once before timing)
     cold      a second local store whose files are dropped from the page cache before every timed block
               (posix_fadvise DONTNEED on each file; `cold_dropped` says whether the kernel honoured it)
-    int8      a local store with int8 K/V (store.dtype=int8), dequantised by the loader
+    int8      a local store with int8 K/V (store.dtype=int8): the loader hands over int8 values + scales, which are
+              dequantised on the device after the copy (kava_dist.loader.QuantizedTargets)
     s3        the store on an S3-compatible server (moto on 127.0.0.1, started here), ranged reads
     s3-cache  the same S3 store read through a local disk cache of whole shard files (StoreReader cache_dir)
 The s3 kinds count the requests the server saw per block (bench/moto_counting.py).

@@ -10,6 +10,7 @@ Usage:
     python bench/train_bench.py --targets store               # student reads targets from a local cache_store
     python bench/train_bench.py --shape 1b --variants student --targets memory,store,cold,int8,s3,s3-cache
                                        # the targets paths side by side (bench/store_targets.py), ratios vs memory
+    python bench/train_bench.py --shape 1b,3b --global-batch 256 --micro-batch 1b=256,3b=128 --variants student
     python bench/train_bench.py --shape 1b --variants student,student:train.group_by_length=8 --pool 8 --steps 8
                                        # a variant is STAGE[@FUSED_MODE][:KEY=VALUE...] (its own config overrides)
 
@@ -24,7 +25,10 @@ loader (`--targets`, a comma list: memory, store, cold, int8, s3, s3-cache; benc
 targets kind of one variant trains the same engine (one model), each through its own loader; blocks interleave.
 
 Measurement: each variant has its own engine (a model copy with the same init) so it can use its own
-micro-batch at the same global batch (student 64 / online 32 on 1b, 32 / 16 on 3b, to fit 80 GB). `--rounds`
+micro-batch at the same global batch (student 64 / online 32 on 1b, 32 / 16 on 3b, to fit 80 GB; per shape with
+`--micro-batch 1b=256,3b=128`). A shape that runs out of device memory is run again at half the micro-batch of
+the stage that ran out (`--on-oom halve`, one process; the micro-batch used is printed and recorded), and a shape
+not measured is listed at the end (`NOT MEASURED`, exit status 1), never left out silently. `--rounds`
 rounds after `--warmup` rounds; each round runs `--steps` optimizer steps of each variant (the order alternates
 between rounds); time between CUDA syncs; reported: mean step time and FLOPs over the measured rounds (each
 round's MFU is listed too). Variants with `:train.group_by_length=N` see length-grouped batches: give them whole
@@ -273,9 +277,38 @@ def parse_variant(v: str) -> tuple[str, str | None, list[str]]:
     return stage, mode or None, over
 
 
-def bench_shape(shape: str, args, dist) -> list[dict]:
+def micro_for(spec: str, shape: str, default: int) -> int:
+    """--micro-batch / --online-micro-batch for `shape`: '0' or '' -> `default`; 'N' -> N for every shape;
+    '1b=256,3b=128' -> the value given for the shape (`default` for a shape not named)."""
+    spec = spec.strip()
+    if "=" not in spec:
+        return int(spec or 0) or default
+    per = {}
+    for part in spec.split(","):
+        name, _, val = part.partition("=")
+        if name.strip() not in SHAPES or not val.strip().isdigit():
+            raise SystemExit(f"micro-batch {part!r}: write SHAPE=N (shapes: {', '.join(SHAPES)}), e.g. 1b=256,3b=128.")
+        per[name.strip()] = int(val)
+    return per.get(shape, 0) or default
+
+
+def bench_shape(shape: str, args, dist, micro_of: dict[str, int], held: dict | None = None) -> list[dict]:
     """One engine (own model copy, same init) per variant, so each can run its own micro-batch at the same
-    global batch; the variants' blocks are interleaved."""
+    global batch; the variants' blocks are interleaved. micro_of: the micro-batch of each stage (student,
+    online). held["stage"] names the stage being built or run (what an out-of-memory error came from); the
+    store sources and the temp dir are released however this ends."""
+    held = {} if held is None else held
+    try:
+        return _bench_shape(shape, args, dist, micro_of, held)
+    finally:
+        if held.get("sources") is not None:
+            held["sources"].close()
+        if held.get("tmp") is not None:
+            held["tmp"].cleanup()
+        held.pop("sources", None), held.pop("tmp", None)
+
+
+def _bench_shape(shape: str, args, dist, micro_of: dict[str, int], held: dict) -> list[dict]:
     dev = dist.device
     bf16 = args.precision == "bf16" or (args.precision == "auto" and dev.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -283,7 +316,6 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
     parsed = {v: parse_variant(v) for v in variants}
     stage = {v: parsed[v][0] for v in variants}
     fused = {v: parsed[v][1] or args.fused for v in variants}
-    micro_of = {"student": args.micro_batch or MICRO[shape][0], "online": args.online_micro_batch or MICRO[shape][1]}
     micro = {v: micro_of[stage[v]] for v in variants}
     cfgs = {v: bench_cfg(shape, args, micro[v], bf16, fused[v], [f"train.stage={stage[v]}"] + parsed[v][2])
             for v in variants}
@@ -293,8 +325,9 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
     kinds = [k.strip() for k in args.targets.split(",") if k.strip()]
     engines, loaders, t_gen, targets, patched, sources = {}, {}, 0.0, None, {}, None   # patched: resolved fused mode
     runs: list[tuple[str, str]] = []     # (variant, targets kind): what is timed; engines are per variant
-    tmp = tempfile.TemporaryDirectory(prefix="kava_bench_store_", dir=args.store_dir or None)
+    tmp = held["tmp"] = tempfile.TemporaryDirectory(prefix="kava_bench_store_", dir=args.store_dir or None)
     for v in variants:
+        held["stage"] = stage[v]
         model, special, mc = random_backbone(shape, cfgs[v], dev, dtype)
         flops = Flops(model, mc, cfg0)
         if stage[v] == "student" and targets is None:     # the same init for every variant: one set of targets
@@ -303,6 +336,7 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
             t_gen = time.perf_counter() - t_gen
             sources = TargetSources(kinds, targets, cfg0, mc, Path(tmp.name) / f"rank{dist.rank}",
                                     cfg_int8=bench_cfg(shape, args, micro[v], bf16, fused[v], ["store.dtype=int8"]))
+            held["sources"] = sources
         patched[v] = apply_fused(model, fused[v], dev, cfgs[v].train.zero_stage)
         for kind in (kinds if stage[v] == "student" else ["-"]):
             loaders[(v, kind)] = (sources.loader(kind, items, plans[v], dist.rank, special.pad) if kind != "-" else
@@ -321,6 +355,7 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
     for r in range(args.warmup + args.rounds):
         for run in runs if r % 2 == 0 else runs[::-1]:
             v, kind = run
+            held["stage"] = stage[v]
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             sources is not None and kind != "-" and sources.before_block(kind)
@@ -364,9 +399,6 @@ def bench_shape(shape: str, args, dist) -> list[dict]:
                     "compile": args.compile, "fused_kernels": patched[v],
                     "target_gen_s": t_gen, **(sources.summary(kind) if sources is not None and kind != "-" else {})})
     del engines, loaders
-    if sources is not None:
-        sources.close()
-    tmp.cleanup()
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -426,14 +458,59 @@ def report(rows: list[dict], args, is_main: bool) -> None:
                       f"{sc:.2f}x samples/s (target >= {want:.1f}x: {'PASS' if sc >= want else 'FAIL'})", flush=True)
 
 
+def measure_shape(shape: str, args, dist) -> tuple[list[dict] | None, str]:
+    """bench_shape at the micro-batches asked for; out of device memory, with --on-oom halve, the stage that ran
+    out is run again at half its micro-batch (while it still divides the global batch over the ranks). Returns
+    (rows, "") or (None, why the shape was not measured). The micro-batches used are printed."""
+    micro = {"student": micro_for(args.micro_batch, shape, MICRO[shape][0]),
+             "online": micro_for(args.online_micro_batch, shape, MICRO[shape][1])}
+    asked = dict(micro)
+    while True:
+        held: dict = {}
+        oom = ""
+        try:
+            res = bench_shape(shape, args, dist, micro, held)
+        except torch.OutOfMemoryError as e:
+            oom = str(e).splitlines()[0]
+        if not oom:
+            break
+        gc.collect()                        # after the except block: the traceback no longer holds the engines
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        stages = [held["stage"]] if held.get("stage") else list(micro)
+        smaller = {k: (m // 2 if k in stages else m) for k, m in micro.items()}
+        fits = all(m >= 1 and args.global_batch % (m * dist.world_size) == 0 for m in smaller.values())
+        what = ", ".join(f"{k} micro {micro[k]}" for k in stages)
+        if args.on_oom != "halve" or not fits or dist.world_size > 1:
+            why = (f"out of memory at {what} ({oom}); "
+                   + ("--on-oom skip" if args.on_oom != "halve" else
+                      "halving runs on one process only: give --micro-batch SHAPE=N" if dist.world_size > 1 else
+                      f"half of it does not divide --global-batch {args.global_batch}") + ". Lower --micro-batch.")
+            return None, why
+        if dist.is_main:
+            print(f"[train_bench] shape={shape}: out of memory at {what} ({oom}); running it again at "
+                  + ", ".join(f"{k} micro {smaller[k]}" for k in stages), flush=True)
+        micro = smaller
+    if dist.is_main:
+        note = "" if micro == asked else f" (asked for {asked['student']} / {asked['online']}: halved after out of memory)"
+        print(f"[train_bench] shape={shape}: micro-batch student {micro['student']}, online {micro['online']}{note}",
+              flush=True)
+    return res, ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="1b,3b", help="comma list of tiny | 1b | 3b (a shape that OOMs is skipped)")
+    ap.add_argument("--shape", default="1b,3b", help="comma list of tiny | 1b | 3b")
     ap.add_argument("--global-batch", type=int, default=64)
-    ap.add_argument("--micro-batch", type=int, default=0,
-                    help="micro-batch of the student variant (0 = per shape: tiny 4, 1b 64, 3b 32)")
-    ap.add_argument("--online-micro-batch", type=int, default=0, help="micro-batch of the online variant, whose "
-                    "teacher pass needs more activation memory (0 = per shape: tiny 4, 1b 32, 3b 16)")
+    ap.add_argument("--micro-batch", default="0",
+                    help="micro-batch of the student variant: N, or per shape SHAPE=N,... (e.g. 1b=256,3b=128); "
+                    "0 or a shape not named = per shape: tiny 4, 1b 64, 3b 32")
+    ap.add_argument("--online-micro-batch", default="0", help="micro-batch of the online variant, whose teacher "
+                    "pass needs more activation memory: N or SHAPE=N,... (0 = per shape: tiny 4, 1b 32, 3b 16)")
+    ap.add_argument("--on-oom", choices=("halve", "skip"), default="halve",
+                    help="a shape that runs out of device memory: halve the micro-batch of the stage that ran out "
+                    "and run it again (the micro-batch used is printed and recorded), or leave the shape out. "
+                    "Either way a shape not measured is listed at the end and the exit status is 1")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per variant per round")
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds (mean reported)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
@@ -473,30 +550,29 @@ def main(argv=None) -> int:
     if dist.world_size != args.world:
         raise SystemExit(f"--world {args.world} but {dist.world_size} processes: launch with "
                          f"`deepspeed --num_gpus {args.world} bench/train_bench.py --world {args.world}`.")
-    rows = []
+    rows, missing = [], {}
     for shape in [s.strip() for s in args.shape.split(",") if s.strip()]:
         if shape not in SHAPES:
             raise SystemExit(f"--shape {shape}: use one of {', '.join(SHAPES)}.")
-        try:
-            res = bench_shape(shape, args, dist)
-        except torch.OutOfMemoryError as e:
-            if dist.is_main:
-                print(f"[train_bench] shape={shape}: out of memory ({str(e).splitlines()[0]}); skipped. Lower "
-                      "--micro-batch.", flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+        res, why = measure_shape(shape, args, dist)
+        if res is None:
+            missing[shape] = why
             continue
         report(res, args, dist.is_main)
         rows += res
     if args.out and dist.is_main:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows, "not_measured": missing},
+                                             indent=1))
+    for shape, why in missing.items():
+        if dist.is_main:
+            print(f"[train_bench] NOT MEASURED shape={shape}: {why}", flush=True)
     import torch.distributed as tdist
 
     if tdist.is_initialized():         # all ranks leave together (else rank 1 logs a TCPStore error at exit)
         tdist.barrier()
         tdist.destroy_process_group()
-    return 0
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":
