@@ -14,7 +14,8 @@ tokens in steps (+1 step that data.drop_last_step drops), answer prompt + number
         length sort, same batch size), no hooks, no eviction, no store, CUDA-synchronised per batch: one cold
         pass of the decoder (every batch shape new to the process), then a warm pass of the decoder (no LM
         head: what the teacher needs; the baseline) and one of the CausalLM forward
-  job   `jobs.build_cache.main` exactly as a user runs it (local Ray, one actor per GPU, store on local disk,
+  job   `kava_dist.build.build_targets` (what `jobs.build_cache` runs) exactly as a user runs it (local Ray,
+        one actor per GPU, store on local disk,
         eviction settings of --config), rate over its active span: first shard's compute start to last
         shard's write end (the model load is excluded; the actor warms up while it starts); once with the
         defaults and once per --variant (extra overrides)
@@ -118,12 +119,15 @@ def overrides(args, ckpt: Path, data: Path, store: Path, actors: int, device: to
 
 def run_job(args, ov: list[str]) -> dict:
     from cache_store.reader import StoreReader
-    from jobs.build_cache import main
+    from kava_dist.build import build_targets
+    from kava_dist.config import load_config
 
     store = Path(next(o.split("=", 1)[1] for o in ov if o.startswith("store.path=")))
     shutil.rmtree(store, ignore_errors=True)
     t0 = time.time()
-    rc = main(["--config", args.config, *ov])
+    report = build_targets(load_config(args.config, ov))
+    print(report.summary, flush=True)
+    rc = report.exit_code
     if rc != 0:
         raise SystemExit(f"the build job failed (exit {rc}); see its log above")
     rep = StoreReader(str(store)).get_meta("build_report")

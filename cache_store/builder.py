@@ -59,9 +59,10 @@ class BuildSettings:
     progress: bool = True
     writes_in_flight: int = 0
     """Computed shards per compute actor that may wait for or be in a write (0 = 2 x writers_per_actor)."""
-    writers_per_actor: int = 2
-    """Write actors (processes) per compute actor; each writes one shard at a time."""
-    writer_threads: int = 0
+    writers_per_actor: int = 0
+    """Write actors (processes) per compute actor; each writes one shard at a time (0 = 6 per GPU compute actor,
+    1 per CPU one)."""
+    writer_threads: int = 2
     """zarr codec threads per write actor (0 = zarr's default, about the node's core count)."""
     cpus_per_writer: float = 0.0
     """Ray CPUs each write actor reserves (0: scheduled regardless of the compute actors' reservations)."""
@@ -69,6 +70,10 @@ class BuildSettings:
     """An actor not started (scheduled + processor built) within this is an error naming its resources."""
     claim_retry_s: float = 30.0
     """Delay before retrying a shard that another live writer holds."""
+
+    def writers(self) -> int:
+        """Write actors per compute actor: writers_per_actor, or 6 per GPU compute actor and 1 per CPU one."""
+        return max(1, self.writers_per_actor or (6 if self.num_gpus > 0 else 1))
 
 
 @dataclass
@@ -198,7 +203,7 @@ def build_store(store_args: dict, shards: dict[int, list], make_processor: Calla
     report = BuildReport(shards_total=len(shards), shards_skipped=len(shards) - len(todo))
     if not todo:
         return report
-    n_writers = max(1, settings.writers_per_actor)
+    n_writers = settings.writers()
     cap = settings.writes_in_flight or 2 * n_writers
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}

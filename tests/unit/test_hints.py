@@ -36,7 +36,7 @@ def test_data_mismatch_names_the_files_and_their_hashes(tiny_paths, tmp_path):
     rebuild at the same path) with another data file names both files and both hashes."""
     from cache_store.errors import FingerprintMismatch
     from cache_store.writer import StoreWriter
-    from jobs.build_cache import source_hint
+    from kava_dist.build import source_hint
     from kava_dist.fingerprint import cache_fingerprint, fingerprint_sources
     from kava_dist.targets import store_spec
     from kava_dist.trainer import FingerprintError, open_store_checked
