@@ -397,7 +397,7 @@ def test_load_checkpoint_errors_name_the_fix(tmp_path):
 
 
 def test_sweep_grid_parsing():
-    from jobs.sweep import parse_grid, run_name, split_values
+    from kava_dist.sweep import parse_grid, run_name, split_values
 
     assert split_values("0.5,1,2") == ["0.5", "1", "2"]
     assert split_values("[q_proj,v_proj],[q_proj]") == ["[q_proj,v_proj]", "[q_proj]"]

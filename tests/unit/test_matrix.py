@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.matrix import Matrix, PlanError, load_plan
+from kava_dist.schedule import PlanError, load_plan
+from kava_dist.schedule import Scheduler as Matrix
 
 
 def write_plan(tmp_path: Path, jobs: list[dict], **top) -> Path:
