@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kava_dist.config import ConfigError, describe, load_config
 
@@ -17,3 +18,38 @@ def test_cache_bytes_without_cache_dir_is_refused_naming_the_fix():
     assert (off.store.cache_dir, off.store.cache_bytes) == ("", 0)                 # off by default
     text = " ".join(describe().split())
     assert "store.cache_dir = ''" in text and "shared by the node's ranks" in text
+
+
+def test_new_stores_default_to_zstd_level_1_and_old_blosc_stores_still_train(tmp_path, monkeypatch):
+    """zstd:1 is the codec of a new store; the codec is not in the fingerprint, so a store built with the old
+    default (blosc-zstd:1) is opened by training with the new defaults and read with its own recorded codec."""
+    from cache_store import CodecSpec, StoreReader, StoreWriter
+    from cache_store.errors import SpecMismatch
+    from kava_dist import fingerprint
+    from kava_dist.targets import store_spec
+    from kava_dist.trainer import open_store_checked
+
+    monkeypatch.setattr(fingerprint, "tokenizer_digest", lambda cfg: "tok")      # no model needed
+    dims = (2, 2, 8, 16)
+    new = load_config(None, ["latent.num_latents=3", "store.shard_examples=4"])
+    old = load_config(None, ["latent.num_latents=3", "store.shard_examples=4", "store.codec=blosc-zstd",
+                             "store.clevel=1"])
+    assert (new.store.codec, new.store.clevel) == ("zstd", 1)
+    assert store_spec(new, dims=dims).codec == CodecSpec("zstd", clevel=1)
+    assert fingerprint.cache_fingerprint(new) == fingerprint.cache_fingerprint(old)
+
+    digest, fields = fingerprint.cache_fingerprint(old)
+    w = StoreWriter.create_or_open(str(tmp_path / "s"), store_spec(old, dims=dims), digest, fields, num_shards=1)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(4, 2, 2, 3, 8, generator=g).bfloat16()
+    w.write_shard(0, {"k": k, "v": -k, "valid": torch.ones(4, 2, 2, 3, dtype=torch.bool),
+                      "codi_h": torch.randn(4, 2, 16, generator=g).bfloat16(),
+                      "index": torch.zeros(4, 2, 2, 3, dtype=torch.int16), "example_id": torch.arange(4),
+                      "cot_len": torch.ones(4, dtype=torch.int32)})
+    new.store.path = w.url
+    reader = open_store_checked(new)                                              # the training side: accepted
+    assert reader.spec.codec == CodecSpec("blosc-zstd", clevel=1)
+    assert torch.equal(reader.get_batch([2, 0])["k"].view(torch.int16), k[[2, 0]].view(torch.int16))
+    assert isinstance(StoreReader(w.url), StoreReader)
+    with pytest.raises(SpecMismatch, match="codec"):                              # the build side: its own codec
+        StoreWriter.create_or_open(w.url, store_spec(new, dims=dims), digest, fields, num_shards=1)
