@@ -7,7 +7,9 @@ Usage:
     items, rows, info = align_store(reader, encoded)                              # student: data order -> rows
     plan = plan_for(cfg.train, items, world_size=2)                               # + train.group_by_length
     loader = StoreLoader(reader, items, rows, plan, rank=0, pad_id=special.pad)    # + store targets
-    for step, micro, batch, targets in loader.iterate(start_step=0, num_steps=1000): ...
+    for step, micro, batch, targets in loader.iterate(start_step=0, num_steps=1000):
+        targets = targets.to(device, non_blocking=True)   # Targets; an int8/int4 store's QuantizedTargets are
+                                                          # copied quantised and dequantised on the device
 
 The order depends only on (seed, epoch) and the global batch, never on the GPU count: global step s of epoch e
 takes items perm_e[s*G:(s+1)*G], and that slice is cut into micro-batches of `micro_batch`, micro-batch j going

@@ -314,7 +314,7 @@ class Trainer:
                 self.module.cot_removed = cot_removed_at(step, self.cfg.latent.cot_curriculum_steps, self.cot_tokens)
             tokens += batch.num_tokens
             batch = batch.to(self.dist.device, non_blocking=True)     # pinned by the loader: no host stall
-            if targets is not None:
+            if targets is not None:   # int8/int4 store: the quantised parts move, dequantised on the device
                 targets = targets.to(self.dist.device, non_blocking=True)
             terms = self.engine(batch, targets)
             self.engine.backward(terms["loss"])
