@@ -242,7 +242,7 @@ def _fake_run(root, stage, seed, accs, **over):
 
 
 def test_report_groups_seeds_into_mean_std(tmp_path):
-    from jobs.report import group_runs, load_runs, table1, table2
+    from kava_dist.report import group_runs, load_runs, table1, table2
 
     dirs = [_fake_run(tmp_path / "kava_s0", "student", 0, {"gsm8k": 0.50, "svamp": 0.40}),
             _fake_run(tmp_path / "kava_s1", "student", 1, {"gsm8k": 0.60, "svamp": 0.40}),
@@ -260,7 +260,7 @@ def test_report_groups_seeds_into_mean_std(tmp_path):
 
 
 def test_report_labels_name_differing_fields(tmp_path):
-    from jobs.report import group_runs, load_runs
+    from kava_dist.report import group_runs, load_runs
 
     dirs = [_fake_run(tmp_path / "a" / "kava_s0", "student", 0, {"gsm8k": 0.5}),
             _fake_run(tmp_path / "b" / "kava_s0", "student", 0, {"gsm8k": 0.5}, **{"loss.alpha_kv": 2})]
@@ -269,7 +269,7 @@ def test_report_labels_name_differing_fields(tmp_path):
 
 
 def test_method_labels_name_the_baselines() -> None:
-    from jobs.report import method_label
+    from kava_dist.report import method_label
     from kava_dist.config import load_config
 
     label = lambda *o: method_label(load_config(None, list(o)))   # noqa: E731
