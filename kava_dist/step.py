@@ -3,7 +3,8 @@ minus the teacher pass: targets come from the store. The targets themselves (`Ta
 in kava_dist/targets.py and are re-exported here.
 
 Usage:
-    from kava_dist.step import compute_targets, kava_terms, online_step, teacher_step, nocot_step
+    from kava_dist.step import kava_terms, online_step, teacher_step, nocot_step
+    from kava_dist.targets import compute_targets
     tout = teacher_forward(teacher, batch, rope=cfg.eviction.rope)            # under no_grad for a cache build
     targets = compute_targets(tout, cfg.eviction, cfg.latent.num_latents)     # Targets(k, v, valid, codi_h, ...)
     terms = kava_terms(model, batch, special, targets, cfg)                   # {"loss", "ce_student", "kv", "codi"}
