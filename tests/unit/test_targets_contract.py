@@ -74,3 +74,30 @@ def test_fingerprint_carries_the_target_code(tiny_paths, tmp_path):
     _, fields = cache_fingerprint(load_config(None, [f"model.name_or_path={tiny_paths['llama']}",
                                                      f"data.train_path={data}"]))
     assert fields[CODE_FIELD] == targets_code_version() and CODE_FIELD == "targets.code"
+
+
+def test_a_store_built_before_the_code_hash_is_refused_with_the_rebuild(tiny_paths, tmp_path):
+    """A store whose fingerprint fields lack `targets.code` (built before it existed) or carry another one is
+    refused by open_targets with the store's one fingerprint exception, naming the field and the rebuild."""
+    import hashlib
+    import json
+
+    from cache_store.errors import FingerprintMismatch
+    from cache_store.writer import StoreWriter
+    from kava_dist.fingerprint import cache_fingerprint
+    from kava_dist.targets import open_targets
+    from kava_testing import make_cfg
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q", "cot": "<<1+1=2>>", "answer": "2"}\n')
+    cfg = make_cfg(tiny_paths["llama"], **{"data.train_path": data, "store.path": tmp_path / "store",
+                                           "train.stage": "student"})
+    _, fields = cache_fingerprint(cfg)
+    old = {k: v for k, v in fields.items() if k != CODE_FIELD}
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    StoreWriter.create_or_open(str(tmp_path / "store"), store_spec(cfg), digest, old, num_shards=1)
+    with pytest.raises(FingerprintMismatch) as err:
+        open_targets(cfg)
+    text = str(err.value)
+    assert f"{CODE_FIELD}: None != '{targets_code_version()}'" in text and "rebuild it with" in text, text
+    assert set(err.value.differing) == {CODE_FIELD}
