@@ -203,15 +203,26 @@ def store_spec(cfg: KavaConfig, dims: tuple[int, int, int, int] | None = None):
 
 
 def open_targets(cfg: KavaConfig):
-    """Open cfg.store.path for reading, refused (FingerprintMismatch, naming the differing fields and the files
-    behind them) unless it was built for this config's targets (`cache_fingerprint`), empty, or incomplete
-    without store.allow_partial (Refusal naming the build command)."""
+    """Open cfg.store.path for reading (store.verify, store.cache_dir / cache_bytes for an object store), refused
+    (FingerprintMismatch, naming the differing fields and the files behind them) unless it was built for this
+    config's targets (`cache_fingerprint`), empty, or incomplete without store.allow_partial (Refusal naming the
+    build command)."""
     from cache_store.reader import StoreReader
     from kava_dist.fingerprint import CODE_FIELD, cache_fingerprint, diff_fields, fingerprint_sources, store_sources
 
     if not cfg.store.path:
         raise ValueError("train.stage=student needs store.path: build it first with `python -m jobs.build_cache`.")
-    reader = StoreReader(cfg.store.path, storage_options=cfg.store.storage_options or None, verify=cfg.store.verify)
+    sc = cfg.store
+    reader = StoreReader(sc.path, storage_options=sc.storage_options or None, verify=sc.verify,
+                         cache_dir=sc.cache_dir or None, cache_bytes=sc.cache_bytes)
+    if sc.cache_dir:
+        from cache_store.backend import LocalBackend
+
+        if isinstance(reader.backend, LocalBackend):
+            log.info("store.cache_dir=%s is ignored: store %s is on a local filesystem", sc.cache_dir, sc.path)
+        else:
+            log.info("store %s: shard files cached whole in %s (store.cache_bytes=%s)", sc.path, sc.cache_dir,
+                     sc.cache_bytes or "unbounded")
     digest, fields = cache_fingerprint(cfg)
     if reader.fingerprint != digest:
         stored = reader.fingerprint_fields or {}
