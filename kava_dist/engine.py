@@ -306,8 +306,10 @@ def set_rng_state(st: dict) -> None:
 # config fields a resumed run may change without invalidating the checkpoint (a dotted prefix covers its subtree)
 RESUMABLE = {"train.resume", "train.out_dir", "train.save_every", "train.log_every", "train.eval_every",
              "train.stop_at_step", "train.keep_checkpoints", "train.micro_batch", "eval", "build", "store.path",
-             "store.storage_options", "store.verify"}
-# train.micro_batch: the global batch and the examples of every step stay; only the split over ranks changes
+             "store.storage_options", "store.verify", "store.codec", "store.clevel", "store.cache_dir",
+             "store.cache_bytes"}
+# train.micro_batch: the global batch and the examples of every step stay; only the split over ranks changes.
+# store.codec / store.clevel: how new stores are written; a store keeps the codec it records, training reads it.
 UNIVERSAL = "_universal"    # global_stepN_universal: global_stepN converted by ds_to_universal
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as tdist
 
 from cache_store import faults
+from cache_store.errors import FingerprintMismatch
 from kava_dist import engine as E
 from kava_dist.backbone import add_lora, load_adapter, load_backbone
 from kava_dist.config import KavaConfig, save_config
@@ -45,53 +46,14 @@ from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for
 from kava_dist.prompts import check_data_file, collate, encode_examples, load_examples, load_training_set
 from kava_dist.run import RunDir
 from kava_dist.student import cot_removed_at
+from kava_dist.targets import open_targets
 
 log = logging.getLogger(__name__)
 
 
-class FingerprintError(ValueError):
-    """The store was built for other targets than this config describes."""
-
-
-def open_store_checked(cfg: KavaConfig):
-    """Open cfg.store.path and refuse it unless its fingerprint equals this config's cache_fingerprint()."""
-    from cache_store.reader import StoreReader
-    from kava_dist.fingerprint import cache_fingerprint, diff_fields, fingerprint_sources, store_sources
-
-    if not cfg.store.path:
-        raise ValueError("train.stage=student needs store.path: build it first with `python -m jobs.build_cache`.")
-    sc = cfg.store
-    reader = StoreReader(sc.path, storage_options=sc.storage_options or None, verify=sc.verify,
-                         cache_dir=sc.cache_dir or None, cache_bytes=sc.cache_bytes)
-    if sc.cache_dir:
-        from cache_store.backend import LocalBackend
-
-        if isinstance(reader.backend, LocalBackend):
-            log.info("store.cache_dir=%s is ignored: store %s is on a local filesystem", sc.cache_dir, sc.path)
-        else:
-            log.info("store %s: shard files cached whole in %s (store.cache_bytes=%s)", sc.path, sc.cache_dir,
-                     sc.cache_bytes or "unbounded")
-    digest, fields = cache_fingerprint(cfg)
-    if reader.fingerprint != digest:
-        diff = diff_fields(reader.fingerprint_fields or {}, fields, store_sources(reader.get_meta),
-                           fingerprint_sources(cfg))
-        raise FingerprintError(
-            f"store {cfg.store.path} holds targets for another config (fingerprint {reader.fingerprint} != {digest}); "
-            f"differing fields (store != config): {'; '.join(diff) or 'format'}. Train with the settings the store "
-            "was built with, or build a new store for these.")
-    if len(reader) == 0:
-        raise ValueError(f"store {cfg.store.path} has no published shards yet; wait for the build or rerun it.")
-    if not reader.is_complete:
-        missing = sorted(set(range(reader.num_shards)) - set(reader.published_shards()))
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        if not cfg.store.allow_partial:
-            raise Refusal(
-                f"store {cfg.store.path} is incomplete: {len(missing)} of {reader.num_shards} shards missing "
-                f"({shown}). Finish it: rerun the cache build with this config (python -m jobs.build_cache --config "
-                f"...; finished shards are kept), or set store.allow_partial=true to train on its {len(reader)} rows.")
-        log.warning("store.allow_partial=true: training on the %d rows of incomplete store %s (%d of %d shards "
-                    "missing: %s)", len(reader), cfg.store.path, len(missing), reader.num_shards, shown)
-    return reader
+# The training side opens its store through the one check of the target contract (kava_dist/targets.py).
+FingerprintError = FingerprintMismatch
+open_store_checked = open_targets
 
 
 def fmt_eta(seconds: float) -> str:

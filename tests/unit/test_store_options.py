@@ -53,3 +53,17 @@ def test_new_stores_default_to_zstd_level_1_and_old_blosc_stores_still_train(tmp
     assert isinstance(StoreReader(w.url), StoreReader)
     with pytest.raises(SpecMismatch, match="codec"):                              # the build side: its own codec
         StoreWriter.create_or_open(w.url, store_spec(new, dims=dims), digest, fields, num_shards=1)
+
+
+def test_resume_accepts_new_store_write_and_cache_options():
+    """A run saved before the codec default changed (or without a local shard cache) resumes: how new stores are
+    written and where shard files are cached do not change what training reads."""
+    from kava_dist.config import load_config
+    from kava_dist.engine import config_diff
+
+    saved = load_config(None, ["store.codec=blosc-zstd", "store.clevel=1"])
+    now = load_config(None, ["store.codec=zstd", "store.clevel=3", "store.cache_dir=/tmp/shards",
+                             "store.cache_bytes=1000000"])
+    assert config_diff(saved, now) == []
+    assert config_diff(saved, load_config(None, ["store.codec=blosc-zstd", "store.dtype=int8"])) == [
+        "store.dtype: 'bf16' -> 'int8'"]
