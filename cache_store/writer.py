@@ -174,10 +174,14 @@ class StoreWriter(StoreView):
         want = spec if spec.shard_size is not None else StoreSpec(spec.fields, rec.shard_size, spec.codec)
         if want.to_dict() != rec.spec.to_dict():
             diff = diff_fields(_spec_view(rec.spec), _spec_view(want))
+            only_codec = all(k == "codec" or k.endswith(".codec") or ".codec." in k or k.startswith("codec.")
+                             for k in diff)
+            fix = (f"Only the codec differs: write with the store's own (codec {rec.spec.codec.name}, clevel "
+                   f"{rec.spec.codec.clevel}), or use a new store path." if only_codec else
+                   "Use a new store path (and put the spec in the fingerprint).")
             raise SpecMismatch(
                 f"store at {backend.url} was built with another spec; differences: {format_diff(diff, 'store', 'given')}. "
-                "Use a new store path (and put the spec in the fingerprint)."
-            )
+                + fix)
         if rec.num_shards != num_shards:
             raise SpecMismatch(
                 f"store at {backend.url} was planned with num_shards={rec.num_shards}, given {num_shards}; "
