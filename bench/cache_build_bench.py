@@ -1,4 +1,5 @@
-"""Cache-build job vs the bare teacher forward on the same batches, and 2 actors vs 1 (issue 4's GPU check).
+"""Cache-build job vs the bare teacher forward on the same batches, and 2 actors vs 1. Usage and figures:
+docs/PERFORMANCE.md, "Cache-build job vs bare teacher forward".
 
 Usage (GPU):      python bench/cache_build_bench.py --shapes 1b,3b --examples 2048
       (variants): python bench/cache_build_bench.py --shapes 1b --cudnn-check --variant 'store.clevel=1'

@@ -1,4 +1,5 @@
-"""Evaluation throughput: questions/s of batched greedy decoding per mode (issue 6's GPU figure).
+"""Evaluation throughput: questions/s of batched greedy decoding per mode (docs/PERFORMANCE.md, "Evaluation
+throughput").
 
 Usage (GPU):  python bench/eval_bench.py --shape 1b --batch 64 --iters 5
       (CPU smoke): python bench/eval_bench.py --shape tiny --batch 8 --iters 1

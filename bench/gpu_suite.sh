@@ -75,7 +75,7 @@ case $part in
        --variant "build.writers_per_actor=8" --json "$OUT/cache_build_1b.json"
      run timeout 200 python3 bench/cache_build_bench.py --shapes 3b --examples 2048 --json "$OUT/cache_build_3b.json" ;;
   6) run timeout 400 python3 bench/teacher_profile.py --shape 1b --examples 1024 ;;
-  7) for m in 64 128; do   # MFU leads for issue 5: micro-batch size, then per-layer torch.compile (1 GPU, H200 memory)
+  7) for m in 64 128; do   # student MFU: micro-batch size, then per-layer torch.compile (1 GPU, H200 memory)
        run timeout 150 python3 bench/train_bench.py --shape 1b --variants student --global-batch 128 --micro-batch $m \
          --rounds 2 --out "$OUT/train_student_m$m.json"
      done

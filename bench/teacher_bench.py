@@ -1,4 +1,5 @@
-"""Teacher forward + eviction vs the bare SDPA forward, same batches, same run (issue 2's GPU check).
+"""Teacher forward + eviction vs the bare SDPA forward, same batches, same run (docs/PERFORMANCE.md, "Teacher forward
++ eviction").
 
 Usage (GPU):  python bench/teacher_bench.py --shapes 1b,3b --batch 32 --seq 256 --iters 10
       (CPU smoke): python bench/teacher_bench.py --shapes tiny --batch 4 --seq 64 --iters 2

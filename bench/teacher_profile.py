@@ -1,4 +1,5 @@
-"""Where a cache-build actor's compute time goes, on the job's own batches (the breakdown behind issue 4's ratio).
+"""Where a cache-build actor's compute time goes, on the job's own batches (the breakdown behind the cache-build
+ratio, docs/PERFORMANCE.md).
 
 Usage (GPU):  python bench/teacher_profile.py --shape 1b --examples 1024
       (CPU smoke): python bench/teacher_profile.py --shape tiny --examples 48 --batch-size 8 --shard-examples 16
