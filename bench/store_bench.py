@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_store import CodecSpec, FieldSpec, StoreReader, StoreSpec, StoreWriter, relative_error  # noqa: E402
+from kava_dist.loader import Prefetcher  # noqa: E402
 
 TUNABLES = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
 MODELS = {  # name: (layers, kv heads, kept slots M, head dim, d_model)
@@ -150,12 +151,20 @@ def run_one(root: Path, model: str, mode: str, codec: CodecSpec, args: argparse.
         """Steady-state ex/s of a loop that 'trains' for batch/gpu_rate s per batch (first batch not timed)."""
         step = bs / args.gpu_ex_per_s
         t0, k = 0.0, 0
-        for k, (idx, batch) in enumerate(r.iter_batches(bs, epoch=1, seed=3, prefetch=prefetch)):
-            if k == 0:
-                t0 = time.perf_counter()
-            if k >= args.consumer_batches:
-                break
-            time.sleep(step)  # the GPU step; releases the GIL like CUDA work does
+        order = np.random.default_rng([3, 1]).permutation(n)
+        batches = [order[i * bs:(i + 1) * bs] for i in range(min(n // bs, args.consumer_batches + 1))]
+        read = r.get_batch
+        src = Prefetcher(read, batches, prefetch) if prefetch > 0 else (read(b) for b in batches)
+        try:
+            for k, batch in enumerate(src):
+                if k == 0:
+                    t0 = time.perf_counter()
+                if k >= args.consumer_batches:
+                    break
+                time.sleep(step)  # the GPU step; releases the GIL like CUDA work does
+        finally:
+            if prefetch > 0:
+                src.close()
         return k * bs / (time.perf_counter() - t0)  # k intervals of (step + wait for the next batch)
 
     return {

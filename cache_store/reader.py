@@ -1,4 +1,5 @@
-"""StoreReader: random batched reads of published shards, rank-sliced shuffled iteration, verification.
+"""StoreReader: random batched reads of published shards, verification. (Which rows a training rank reads, and
+when, is the loader's job: kava_dist/loader.py.)
 
 Only shards with a ledger record are visible; rows are numbered by concatenating published
 shards in shard-id order (so a store still being built is readable; `refresh()` picks up
@@ -14,9 +15,6 @@ Usage::
     ids = r.read_field("example_id")         # one field of every visible row (no K/V read)
     raw = r.get_batch([5, 17], dequantize=False)              # int8/int4 parts: "k.q", "k.scale", ...
     batch = r.expand_quantized({k: t.cuda() for k, t in raw.items()})   # dequantise on the GPU
-    for idx, batch in r.iter_batches(32, rank=dp_rank, world_size=dp_world, epoch=ep, seed=0,
-                                     start=batches_done_this_epoch):
-        ...
     r.stats()    # bytes on disk, raw bytes, disk_over_raw (0.5 = half of raw), compression_ratio (raw/disk), shards
 
 Reads are chunk-aligned and batched: the rows of a batch are mapped to (shard, row); each
@@ -39,10 +37,8 @@ a shared 2-core VM: 3B bf16 reads 70 -> 142 ex/s; re-check on the training machi
 from __future__ import annotations
 
 import logging
-import math
-import queue
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +54,6 @@ from cache_store.zarr_io import corrupt_arrays, ensure_arrays, read_rows, shard_
 
 logger = logging.getLogger(__name__)
 
-_END = object()
 
 
 class _PinnedAlloc:
@@ -321,92 +316,6 @@ class StoreReader(StoreView):
                 out[f.name] = torch.from_numpy(np.ascontiguousarray(cols[f.name]))
         return out
 
-    # -- iteration ------------------------------------------------------------------------------
-    def rank_indices(self, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0) -> np.ndarray:
-        """This rank's contiguous, equal-size slice of a permutation of all visible rows seeded by (seed, epoch)."""
-        return self._rank_slice(len(self), rank, world_size, epoch, seed)
-
-    @staticmethod
-    def _rank_slice(n: int, rank: int, world_size: int, epoch: int, seed: int) -> np.ndarray:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        perm = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
-        per_rank = n // world_size
-        if n % world_size and rank == 0:
-            logger.info("epoch %d: %d rows not divisible by world_size %d; %d rows dropped this epoch",
-                        epoch, n, world_size, n % world_size)
-        return perm[rank * per_rank : (rank + 1) * per_rank]
-
-    def batches_per_epoch(self, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
-        per_rank = len(self) // world_size
-        return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
-
-    def iter_batches(
-        self, batch_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0,
-        start: int = 0, prefetch: int = 2, drop_last: bool = True, dequantize: bool = True,
-    ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-        """Yield (indices, batch) for this rank; `start` = batches this rank already consumed (resume).
-
-        prefetch > 0 reads up to that many batches ahead in a background thread (0: read inline).
-        dequantize: as in get_batch.
-        The order depends only on (seed, epoch, rank, world_size, batch_size) and the visible rows;
-        the view of published shards is pinned for the whole iteration (a concurrent refresh() does
-        not shift it). On a store still being built, row numbers change when a shard publishes
-        before a lower-numbered one: train on complete stores (`is_complete`) or refresh between epochs.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        snap = (self._shard_ids, self._offsets)
-        if not self.is_complete:
-            logger.warning("iterating store %s with %d/%d shards published", self.url, len(snap[0]), self.num_shards)
-        order = self._rank_slice(int(snap[1][-1]), rank, world_size, epoch, seed)
-        nb = len(order) // batch_size if drop_last else math.ceil(len(order) / batch_size)
-        batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(max(0, int(start)), nb)]
-        names = self.spec.field_names
-        if prefetch <= 0:
-            for b in batches:
-                yield b, self._read(b, names, snap, dequantize)
-            return
-        yield from self._prefetched(batches, prefetch, lambda b: self._read(b, names, snap, dequantize))
-
-    def _prefetched(self, batches: list[np.ndarray], depth: int,
-                    read: Any) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-        q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        stop = threading.Event()
-
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work() -> None:
-            try:
-                for b in batches:
-                    if stop.is_set() or not put((b, read(b))):
-                        return
-                put(_END)
-            except BaseException as e:  # handed to the consumer
-                put(e)
-
-        t = threading.Thread(target=work, name="cache_store-prefetch", daemon=True)
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            t.join(timeout=10)
-
-    # -- stats ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         recs = self.shard_records()
         rows = sum(r.rows for r in recs.values())

@@ -163,7 +163,7 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return perm
 
 
-class _Prefetcher:
+class Prefetcher:
     """Runs `produce(i)` for i in order on a background thread, `depth` items ahead (a bounded queue); closing it
     stops the thread even while it waits on a full queue."""
 
@@ -232,7 +232,7 @@ class TokenLoader:
         if self.prefetch <= 0:
             yield from map(make, self._keys(start_step, num_steps))
             return
-        pf = _Prefetcher(make, self._keys(start_step, num_steps), self.prefetch)
+        pf = Prefetcher(make, self._keys(start_step, num_steps), self.prefetch)
         try:
             yield from pf
         finally:

@@ -437,3 +437,28 @@ def test_zero2_clip_runs_on_device_with_deepspeeds_arithmetic(monkeypatch):
         torch.testing.assert_close(b, a, equal_nan=True)
     assert torch.allclose(b, torch.zeros_like(b)) and not torch.allclose(g, torch.zeros_like(g))  # invalid -> 0
     tdist.destroy_process_group()
+
+
+def test_prefetcher_keeps_order_surfaces_errors_and_stops_when_closed():
+    """The loader's background reader: items in order, a producer's exception raised in the consumer, and close()
+    ends the thread even while it waits on a full queue."""
+    import time
+
+    from kava_dist.loader import Prefetcher
+
+    assert list(Prefetcher(lambda i: i * i, range(6), depth=2)) == [0, 1, 4, 9, 16, 25]
+
+    def boom(i):
+        if i == 2:
+            raise RuntimeError("bad shard 2")
+        return i
+    it = iter(Prefetcher(boom, range(5), depth=1))
+    assert [next(it), next(it)] == [0, 1]
+    with pytest.raises(RuntimeError, match="bad shard 2"):
+        next(it)
+
+    pf = Prefetcher(lambda i: i, range(1000), depth=2)
+    assert next(iter(pf)) == 0
+    t0 = time.perf_counter()
+    pf.close()                                       # the producer is blocked on a full queue
+    assert not pf._thread.is_alive() and time.perf_counter() - t0 < 5
