@@ -8,7 +8,7 @@ Usage:
     kava demo --model DIR --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data ... --test ...
 
 Stages (each prints the command that runs it on a cluster):
-  1. data     a synthetic multi-step arithmetic task (kava_dist.synthetic; or --data/--test files)
+  1. data     a synthetic multi-hop task (kava_dist.synthetic; or --data/--test files)
   2. base     a small Llama built from a config (or --model / --gguf)
   3. teacher  CoT training (`train.stage=teacher`): from scratch = full fine-tuning; a pretrained model = LoRA
   4. cache    teacher forward + R-KV eviction into a Zarr store through a local Ray cluster (jobs.build_cache)
@@ -20,9 +20,11 @@ Each stage logs its expected seconds before it starts (a reference run's time pe
 much slower than the reference this machine has been so far); training logs carry steps/s and ETA.
 Ends with one table: accuracies, forward passes per question, store size and compression, and stage times;
 OUT/report/ gathers that table, jobs.report's tables and every run's report and figures (<run>_<file>).
-The synthetic defaults: 4 steps of + and - mod 10 with the running results as the CoT (kept whole, so the
-answer is the CoT's last digit), a 4-layer Llama (d=128) trained from scratch; student and No-CoT start from the
-teacher's weights with full fine-tuning (docs/DEVIATIONS.md D27).
+The synthetic defaults: 3-hop pointer chasing in a random permutation of the digits 0-5 given in the question
+("03 54 12 25 30 41|2" -> 2, 5, 4, 1 -> "1"), the CoT the start and the visited nodes, one token each, kept whole
+(so the answer is the CoT's last digit); a 4-layer Llama (d=128) trained from scratch; M = 4 latents, one per CoT
+token, and T = 4 Jacobi iterations, one per link of the chain; student and No-CoT start from the teacher's weights
+with full fine-tuning (docs/DEVIATIONS.md D27). `--param task=chain --param latents=7` is the + - mod 10 task.
 """
 from __future__ import annotations
 
@@ -39,12 +41,13 @@ if __package__ in (None, ""):
 
 log = logging.getLogger("kava.demo")
 
-FULL = dict(n_train=12000, n_test=300, n_ops=4, ops="+-", cot="results", drop_last=False, teacher_steps=600,
-            student_steps=150, batch=64, latents=7, iterations=3, layers=4, hidden=128, teacher_lr=3e-3,
-            student_lr=2e-3, student_lora=False, alpha_kv=1.0, alpha_codi=10.0, embed_std=1.0, curriculum=0,
-            log_every=10)
+FULL = dict(task="pointer", hops=3, nodes=6, n_ops=4, ops="+-", cot="results", n_train=12000, n_test=300,
+            drop_last=False, teacher_steps=600, student_steps=400, batch=64, latents=4, iterations=4, layers=4,
+            hidden=128, teacher_lr=3e-3, student_lr=5e-3, student_lora=False, alpha_kv=30.0, alpha_codi=1.0,
+            embed_std=1.0, curriculum=0, log_every=10)
 QUICK = dict(FULL, n_train=800, n_test=40, teacher_steps=30, student_steps=6, batch=32, log_every=2)
-"""Demo settings; `--param KEY=VALUE` changes one (e.g. `--param n_ops=5`)."""
+"""Demo settings; `--param KEY=VALUE` changes one (e.g. `--param hops=4`). task=pointer (hops, nodes) or chain
+(n_ops, ops, cot: + and - mod 10; give it latents=7 for its 7 CoT tokens); latents = M, iterations = T."""
 
 
 def parse(argv=None):
@@ -64,11 +67,11 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
-# Seconds each stage took in a reference run of the full demo on 2 cores (load average 2-4, BENCHMARKS.md), per
-# training step for the training stages and per example for the cache: the demo's ETAs scale them by this run's
-# steps and examples and by how much slower than the reference this machine has been so far.
-REF_S = dict(data=0.3, base=4.0, teacher_per_step=0.20, cache=10.0, cache_per_example=0.0057, student_per_step=0.52,
-             nocot_per_step=0.15, eval=5.0, report=5.0)
+# Seconds each stage took in a reference run of the full demo on 2 cores (load average 9 at the start, 1-2 at the
+# end, from other jobs), per training step for the training stages and per example for the cache: the demo's ETAs
+# scale them by this run's steps and examples and by how much slower than the reference this machine has been so far.
+REF_S = dict(data=0.5, base=5.5, teacher_per_step=0.24, cache=10.0, cache_per_example=0.0032, student_per_step=0.33,
+             nocot_per_step=0.15, eval=4.3, report=2.1)
 
 
 class Stages:
@@ -169,13 +172,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
 
     def data():
-        from kava_dist.synthetic import make_chain_task, write_jsonl
+        from kava_dist.synthetic import make_chain_task, make_pointer_task, write_jsonl
 
         if args.data and args.test:
             return Path(args.data).resolve(), Path(args.test).resolve()
-        kw = dict(cot=p["cot"], ops=p["ops"])
-        train = make_chain_task(p["n_train"], p["n_ops"], args.seed, **kw)
-        test = make_chain_task(p["n_test"], p["n_ops"], args.seed + 1000, exclude={r["question"] for r in train}, **kw)
+
+        def make(n, seed, exclude=None):
+            if p["task"] == "pointer":
+                return make_pointer_task(n, p["hops"], p["nodes"], seed, exclude)
+            if p["task"] == "chain":
+                return make_chain_task(n, p["n_ops"], seed, exclude, p["cot"], p["ops"])
+            raise SystemExit(f"--param task={p['task']}: use pointer or chain")
+
+        test = make(p["n_test"], args.seed + 1000)      # first, so the training set can leave its maps out
+        train = make(p["n_train"], args.seed, exclude={r["question"] for r in test})
         return write_jsonl(train, out / "data/train.jsonl"), write_jsonl(test, out / "data/test.jsonl")
 
     train_path, test_path = st.run("data", "your dataset files", data)

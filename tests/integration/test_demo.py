@@ -83,3 +83,36 @@ def test_quick_demo_same_seed_same_table(quick_demo, tmp_path):
     second = measured(tmp_path / "b")
     assert second["table"] == first["table"]
     assert second["losses"] == first["losses"]
+
+
+def test_pointer_task_follows_its_map():
+    """The demo's task: each question lists a permutation of the nodes as pairs and a start node; the CoT is the
+    start and the nodes the walk visits (all distinct), the answer its last node; questions are distinct, and a
+    training set made with `exclude` holds no map-and-start of the test set, in any order of its pairs."""
+    from kava_dist.synthetic import make_pointer_task, pointer_key
+
+    test = make_pointer_task(300, hops=3, nodes=6, seed=1000)
+    rows = make_pointer_task(3000, hops=3, nodes=6, seed=0, exclude={r["question"] for r in test})
+    assert rows == make_pointer_task(3000, hops=3, nodes=6, seed=0, exclude={r["question"] for r in test})
+    assert len({r["question"] for r in rows}) == 3000
+    for r in rows + test:
+        pairs, start = r["question"].split("|")
+        succ = {int(p[0]): int(p[1]) for p in pairs.split(" ")}
+        assert sorted(succ) == sorted(succ.values()) == list(range(6))
+        walk = [int(c) for c in r["cot"]]
+        assert walk[0] == int(start) and len(walk) == 4 == len(set(walk))
+        assert all(succ[a] == b for a, b in zip(walk, walk[1:]))
+        assert r["answer"] == r["cot"][-1]
+    assert {r["answer"] for r in rows} == {str(d) for d in range(6)}
+    assert not {pointer_key(r["question"]) for r in test} & {pointer_key(r["question"]) for r in rows}
+
+
+def test_demo_defaults_give_each_cot_token_a_latent_and_each_link_an_iteration():
+    """The demo's student works because M = the CoT's tokens (one latent per node of the walk, R-KV keeps them
+    all) and T >= M (each Jacobi iteration carries the walk one link further)."""
+    from jobs.demo import FULL
+    from kava_dist.synthetic import make_pointer_task
+
+    assert FULL["task"] == "pointer"
+    (row,) = make_pointer_task(1, FULL["hops"], FULL["nodes"])
+    assert FULL["latents"] == len(row["cot"]) <= FULL["iterations"]
