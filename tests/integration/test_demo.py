@@ -75,7 +75,7 @@ def test_quick_demo_runs_every_stage(quick_demo):
 
 @pytest.mark.integration
 def test_quick_demo_same_seed_same_table(quick_demo, tmp_path):
-    """README and BENCHMARKS promise that a seed gives the same table on the same machine."""
+    """README and docs/PERFORMANCE.md promise that a seed gives the same table on the same machine."""
     first = measured(quick_demo)
     assert set(first["table"]) == {"Full-CoT teacher", "KaVa student", "No-CoT"}
     assert all(len(v) >= 2 for v in first["losses"].values())
@@ -110,7 +110,7 @@ def test_pointer_task_follows_its_map():
 def test_demo_defaults_give_each_cot_token_a_latent_and_each_link_an_iteration():
     """The demo's student works because M = the CoT's tokens (one latent per node of the walk, R-KV keeps them
     all) and T >= M (each Jacobi iteration carries the walk one link further)."""
-    from jobs.demo import FULL
+    from kava_dist.demo import FULL
     from kava_dist.synthetic import make_pointer_task
 
     assert FULL["task"] == "pointer"
