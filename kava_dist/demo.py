@@ -229,7 +229,7 @@ def run_demo(args) -> int:
 
         res = {}
         for label, rd in runs.items():
-            budgets = (2, 4, p["latents"], 2 * p["latents"]) if label == "KaVa student" else ()
+            budgets = tuple(sorted({2, 4, p["latents"], 2 * p["latents"]})) if label == "KaVa student" else ()
             res[label] = evaluate_run(rd, [str(test_path)], budgets=budgets, progress=False)
         return res
 
