@@ -8,8 +8,9 @@ Loss weights, LoRA of the student, learning rate, T, seeds of training etc. are 
 reuses one store. In it: teacher backbone (name, revision, GGUF file, a hash of its weight files), teacher
 adapter (content hash), tokenizer (vocab hash), training data (content hash), prompt format, M, every eviction
 field, the teacher compute dtype, the stored precision, and `targets.code`: a hash of the code that defines the
-targets (`targets_code_version`: kava_dist/eviction.py and teacher.py whole, and the field schema and target
-computation of kava_dist/targets.py; comments, docstrings and formatting do not count), so a changed rule never
+targets (`targets_code_version`: kava_dist/eviction.py and teacher.py whole, the field schema and target
+computation of kava_dist/targets.py, and the q/k/v projections and RoPE of kava_dist/models/llama.py, which every
+family uses; comments, docstrings and formatting do not count), so a changed rule never
 reuses a store built by the old one. The store records `fields`, so a mismatch names them.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ TARGET_CODE = {
     "teacher.py": (),
     "targets.py": ("TargetField", "FIELDS", "logical_dtype", "Targets", "compute_targets", "store_spec",
                    "TeacherTargets._batch"),
+    "models/llama.py": ("apply_rope", "projections"),    # the q/k/v the teacher's hooks capture, its RoPE
 }
 
 

@@ -49,6 +49,7 @@ def test_targets_round_trip_through_the_store_layout():
 
 def test_target_code_version_ignores_comments_and_follows_the_rule(tmp_path):
     for module in TARGET_CODE:
+        (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PKG / module, tmp_path / module)
     base = targets_code_version(str(tmp_path))
     assert base == targets_code_version()
@@ -56,14 +57,26 @@ def test_target_code_version_ignores_comments_and_follows_the_rule(tmp_path):
     ev.write_text("# a comment\n" + ev.read_text().replace('"""', '"""  ', 1) + "\n\n# trailing\n")
     (tmp_path / "c1").mkdir()
     for module in TARGET_CODE:
+        (tmp_path / "c1" / module).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp_path / module, tmp_path / "c1" / module)
     assert targets_code_version(str(tmp_path / "c1")) == base
     (tmp_path / "c2").mkdir()
     for module in TARGET_CODE:
+        (tmp_path / "c2" / module).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp_path / module, tmp_path / "c2" / module)
     src = (tmp_path / "c2" / "targets.py").read_text()
     (tmp_path / "c2" / "targets.py").write_text(src.replace('"int16", "L,H,M"', '"int32", "L,H,M"', 1))
     assert targets_code_version(str(tmp_path / "c2")) != base
+    (tmp_path / "c3").mkdir()                      # the family's RoPE is part of the rule too
+    for module in TARGET_CODE:
+        (tmp_path / "c3" / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / module, tmp_path / "c3" / module)
+    rope = tmp_path / "c3" / "models" / "llama.py"
+    body = rope.read_text()
+    start = body.index("def apply_rope")
+    end = body.index("\ndef ", start + 1)
+    rope.write_text(body[:start] + body[start:end].replace("return", "return 0.5 *", 1) + body[end:])
+    assert targets_code_version(str(tmp_path / "c3")) != base
 
 
 def test_fingerprint_carries_the_target_code(tiny_paths, tmp_path):
