@@ -394,6 +394,7 @@ class ShardFileCache:
 
         self.remote, self.root, self.max_bytes = remote, Path(os.path.expanduser(cache_dir)), int(max_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._disk = LocalBackend(str(self.root))
         self._lock = threading.Lock()
         self._known: OrderedDict[Path, int] = OrderedDict()   # LRU of files this process has used or found
         for p in sorted(self.root.glob("??/*"), key=lambda q: q.stat().st_mtime):
@@ -452,13 +453,7 @@ class ShardFileCache:
             if len(data) != nbytes or hashlib.sha256(data).hexdigest() != sha:
                 raise OSError(f"shard file {self.remote.describe(rel)} does not match its ledger record ({len(data)} "
                               f"bytes, expected {nbytes}); check the store (python -m cache_store verify URL)")
-            tmp = local.parent / f".{local.name}.{uuid.uuid4().hex}.tmp"
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, local)
-            except BaseException as e:
-                tmp.unlink(missing_ok=True)
-                raise name_enospc(e, str(self.root)) from e
+            self._disk.write_atomic(f"{sha[:2]}/{sha}", data)   # temp file + rename; a full disk is DiskFull
         with self._lock:
             self.downloads += 1
             self.downloaded_bytes += nbytes
