@@ -118,6 +118,26 @@ def _target_store(url: str, so: dict, shards: int = 4, rows: int = 8,
     return ids
 
 
+def _epoch_requests(s3, ids: list[int], open_reader, make_plan) -> tuple[int, int, dict]:
+    """Reset the server's counts, open the store (open_reader()), scan its example ids and read one epoch of 128
+    examples through StoreLoader (plan = make_plan(aligned)) -> (examples read, requests, counts). Every example
+    is read once."""
+    from kava_dist.loader import StoreLoader, align_store
+    from kava_dist.prompts import Encoded
+
+    items = [Encoded(id=i, question_ids=[1, 5], cot_ids=[6], prompt_ids=[7], answer_ids=[8, 2]) for i in range(128)]
+    s3.reset()
+    reader = open_reader()
+    aligned, rows, _ = align_store(reader, items)
+    plan = make_plan(aligned)
+    loader = StoreLoader(reader, aligned, rows, plan, 0, pad_id=0)
+    seen = [b.ids.tolist() for _, _, b, _ in loader.iterate(0, plan.steps_per_epoch)]
+    counts = s3.counts()
+    n = sum(map(len, seen))
+    assert n == 128 and sorted(sum(seen, [])) == sorted(ids)
+    return n, sum(counts["requests"].values()), counts
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("cache,most", [(True, 1.0), (False, 3.0)])
 def test_s3_training_epoch_requests_per_example(tmp_path, cache: bool, most: float) -> None:
@@ -126,23 +146,14 @@ def test_s3_training_epoch_requests_per_example(tmp_path, cache: bool, most: flo
     each) at most 1 per example; without, ranged reads of k, v, codi_h only (small files whole) at most 3.
     Reading every field of every row chunk by chunk cost ~8 per example."""
     from bench.moto_counting import CountingMoto
-    from kava_dist.loader import GlobalBatchPlan, StoreLoader, align_store
-    from kava_dist.prompts import Encoded
+    from kava_dist.loader import GlobalBatchPlan
 
     with CountingMoto(log_path=str(tmp_path / 'moto.log')) as s3:
         url, so = s3.bucket_url(), s3.storage_options
         ids = _target_store(url, so, shards=8, rows=16)
-        items = [Encoded(id=i, question_ids=[1, 5], cot_ids=[6], prompt_ids=[7], answer_ids=[8, 2]) for i in range(128)]
-        s3.reset()
-        reader = StoreReader(url, storage_options=so, **({"cache_dir": str(tmp_path / "cache")} if cache else {}))
-        aligned, rows, _ = align_store(reader, items)
-        plan = GlobalBatchPlan(len(aligned), 8, 4, 1, seed=0)
-        loader = StoreLoader(reader, aligned, rows, plan, 0, pad_id=0)
-        seen = [b.ids.tolist() for _, _, b, t in loader.iterate(0, plan.steps_per_epoch)]
-        counts = s3.counts()
-    n = sum(map(len, seen))
-    assert n == 128 and sorted(sum(seen, [])) == sorted(ids)
-    requests = sum(counts["requests"].values())
+        opts = {"cache_dir": str(tmp_path / "cache")} if cache else {}
+        n, requests, counts = _epoch_requests(s3, ids, lambda: StoreReader(url, storage_options=so, **opts),
+                                              lambda aligned: GlobalBatchPlan(len(aligned), 8, 4, 1, seed=0))
     print(f"cache={cache}: {requests} requests ({counts}) for {n} examples")
     assert requests <= most * n, counts
 
@@ -159,8 +170,7 @@ def test_student_store_opening_with_cache_dir_reads_s3_once_per_example(tmp_path
     from bench.moto_counting import CountingMoto
     from kava_dist import fingerprint
     from kava_dist.config import load_config, save_config
-    from kava_dist.loader import StoreLoader, align_store, plan_for
-    from kava_dist.prompts import Encoded
+    from kava_dist.loader import plan_for
     from kava_dist.trainer import open_store_checked
 
     monkeypatch.setattr(fingerprint, "cache_fingerprint", lambda cfg: ("fp", {}))   # _target_store's fingerprint
@@ -170,18 +180,8 @@ def test_student_store_opening_with_cache_dir_reads_s3_once_per_example(tmp_path
         cfg = load_config(None, [f"store.path={url}", f"store.cache_dir={tmp_path / 'nvme'}",
                                  f"store.cache_bytes={1 << 30}", "train.global_batch=8", "train.micro_batch=4"])
         cfg.store.storage_options = dict(so)
-        items = [Encoded(id=i, question_ids=[1, 5], cot_ids=[6], prompt_ids=[7], answer_ids=[8, 2])
-                 for i in range(128)]
-        s3.reset()
-        reader = open_store_checked(cfg)
-        aligned, rows, _ = align_store(reader, items)
-        plan = plan_for(cfg.train, aligned, 1)
-        loader = StoreLoader(reader, aligned, rows, plan, 0, pad_id=0)
-        seen = [b.ids.tolist() for _, _, b, _ in loader.iterate(0, plan.steps_per_epoch)]
-        counts = s3.counts()
-    n = sum(map(len, seen))
-    assert n == 128 and sorted(sum(seen, [])) == sorted(ids)
-    requests = sum(counts["requests"].values())
+        n, requests, counts = _epoch_requests(s3, ids, lambda: open_store_checked(cfg),
+                                              lambda aligned: plan_for(cfg.train, aligned, 1))
     print(f"open_store_checked, store.cache_dir set: {requests} requests ({counts}) for {n} examples")
     assert requests <= n, counts
     assert any((tmp_path / "nvme").rglob("*")), "no shard file was cached in store.cache_dir"
