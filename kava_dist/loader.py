@@ -266,10 +266,6 @@ def align_store(reader, encoded: Sequence[Encoded]) -> tuple[list[Encoded], np.n
     return items, rows, info
 
 
-TARGET_FIELDS = READ_FIELDS
-"""The store fields a student step uses (kava_dist.targets.FIELDS: example_id only to check the row)."""
-
-
 @dataclass
 class QuantizedTargets:
     """Targets of a micro-batch from an int8/int4 store, as read: each quantised field (`k`, `v`) as its stored
@@ -298,7 +294,7 @@ class QuantizedTargets:
         for name, spec in self.fields.items():
             full[name] = dequantize_torch(spec, {p.rsplit(".", 1)[1]: t for p, t in moved.items()
                                                  if p.startswith(name + ".")})
-        t = Targets(full["k"], full["v"], full["valid"].bool(), full["codi_h"])
+        t = Targets.from_arrays(full)
         return t if dtype is None else t.to(dtype=dtype)
 
     def pin_memory(self) -> "QuantizedTargets":
@@ -327,6 +323,9 @@ class StoreLoader(TokenLoader):
             raise ValueError(f"{len(rows)} store rows for {len(self.encoded)} items; build both with align_store().")
         self.reader, self.rows, self.dtype = reader, np.asarray(rows, dtype=np.int64), dtype
         self.readahead = readahead
+        spec = getattr(reader, "spec", None)      # an int8/int4 store's quantised K/V fields, by name
+        self.quant = ({n: spec.field(n) for n in ("k", "v") if spec.field(n).quant is not None}
+                      if spec is not None else {})
 
     def _keys(self, start_step: int, num_steps: int):
         keys = super()._keys(start_step, num_steps)
@@ -337,7 +336,7 @@ class StoreLoader(TokenLoader):
         window: deque = deque()
         for key in keys:                       # announce each micro-batch `readahead` keys before it is read
             window.append(key)
-            ahead(self.rows[key[2]], fields=TARGET_FIELDS)
+            ahead(self.rows[key[2]], fields=READ_FIELDS)
             if len(window) > self.readahead:
                 yield window.popleft()
         yield from window
@@ -346,20 +345,17 @@ class StoreLoader(TokenLoader):
         step, micro, idx = key
         items = [self.encoded[i] for i in idx]
         rows = self.rows[idx]
-        spec = getattr(self.reader, "spec", None)
-        quant = {n: spec.field(n) for n in ("k", "v") if spec.field(n).quant is not None} if spec is not None else {}
-        pin = torch.cuda.is_available()
-        arrays = (self.reader.get_batch(rows, fields=TARGET_FIELDS, pin_memory=pin, dequantize=False) if quant
-                  else self.reader.get_batch(rows, fields=TARGET_FIELDS, pin_memory=pin))
+        arrays = self.reader.get_batch(rows, fields=READ_FIELDS, pin_memory=torch.cuda.is_available(),
+                                       **({"dequantize": False} if self.quant else {}))
         got = arrays["example_id"].tolist()
         want = [e.id for e in items]
         if got != want:
             raise KeyError(f"store {self.reader.url} rows {rows.tolist()} hold example ids {got}, expected {want}: "
                            "the store changed under the run. Restart the run (it re-reads the row map).")
         batch = collate(items, self.pad_id)
-        if quant:
+        if self.quant:
             return step, micro, batch, QuantizedTargets({p: a for p, a in arrays.items() if p != "example_id"},
-                                                        quant, self.dtype)
+                                                        self.quant, self.dtype)
         t = Targets.from_arrays(arrays)
         if self.dtype is not None:
             t = t.to(dtype=self.dtype)

@@ -11,7 +11,8 @@ import torch
 
 from kava_dist import engine as E
 from kava_dist.config import load_config, save_config
-from kava_dist.loader import TARGET_FIELDS, GlobalBatchPlan, StoreLoader, TokenLoader, align_store, padded_length, plan_for
+from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store, padded_length, plan_for
+from kava_dist.targets import READ_FIELDS
 from kava_dist.prompts import Encoded
 
 CPU = torch.device("cpu")
@@ -185,7 +186,7 @@ def test_store_loader_follows_data_order_and_reads_only_the_fields_a_step_uses()
         assert b.ids.tolist() == b2.ids.tolist()            # same examples as the online stage
         assert t.k_BLHMD[:, 0, 0, 0, 0].long().tolist() == b.ids.tolist()
         assert t.codi_BLd[:, 0].long().tolist() == b.ids.tolist()
-    assert reader.fields == [TARGET_FIELDS] * len(reader.reads) and "index" not in TARGET_FIELDS
+    assert reader.fields == [READ_FIELDS] * len(reader.reads) and "index" not in READ_FIELDS
 
 
 def test_store_loader_on_a_real_store_gives_each_example_its_own_targets(tmp_path):
@@ -260,7 +261,7 @@ def test_store_loader_hands_quantised_parts_and_dequantises_after_the_move(tmp_p
             assert isinstance(qt, QuantizedTargets) and qt.parts["k.q"].dtype in (torch.int8, torch.uint8)
             assert "k" not in qt.parts and qt.parts["k.q"].nbytes <= qt.parts["k.q"].numel()   # 1 byte or less
             t = qt.to(CPU, non_blocking=True)                                    # the trainer's move
-            ref = reader.get_batch([row_of[i] for i in b.ids.tolist()], fields=TARGET_FIELDS)   # host dequantised
+            ref = reader.get_batch([row_of[i] for i in b.ids.tolist()], fields=READ_FIELDS)   # host dequantised
             for got, want in ((t.k_BLHMD, ref["k"]), (t.v_BLHMD, ref["v"]), (t.codi_BLd, ref["codi_h"])):
                 want = want if dtype is None else want.to(dtype)
                 assert got.dtype == want.dtype
