@@ -35,7 +35,6 @@ import torch
 import torch.distributed as tdist
 
 from cache_store import faults
-from cache_store.errors import FingerprintMismatch
 from kava_dist import engine as E
 from kava_dist.backbone import add_lora, load_adapter, load_backbone
 from kava_dist.config import KavaConfig, save_config
@@ -49,11 +48,6 @@ from kava_dist.student import cot_removed_at
 from kava_dist.targets import open_targets
 
 log = logging.getLogger(__name__)
-
-
-# The training side opens its store through the one check of the target contract (kava_dist/targets.py).
-FingerprintError = FingerprintMismatch
-open_store_checked = open_targets
 
 
 def fmt_eta(seconds: float) -> str:
@@ -84,7 +78,7 @@ class Trainer:
             raise FileExistsError(f"{self.rd.root} already holds a run (checkpoint {ckpt_latest.read_text().strip()}). "
                                   "Pass --resume to continue it, or choose a new train.out_dir.")
         check_data_file(cfg.data.train_path)                                       # fail fast, before the model
-        self.reader = open_store_checked(cfg) if tc.stage == "student" else None    # fail fast, before the model
+        self.reader = open_targets(cfg) if tc.stage == "student" else None    # fail fast, before the model
         if dist.is_main:
             self.rd.root.mkdir(parents=True, exist_ok=True)
         seed_everything(tc.seed)

@@ -160,7 +160,7 @@ def test_s3_training_epoch_requests_per_example(tmp_path, cache: bool, most: flo
 
 @pytest.mark.integration
 def test_student_store_opening_with_cache_dir_reads_s3_once_per_example(tmp_path, monkeypatch) -> None:
-    """The training job's store opening (trainer.open_store_checked with store.cache_dir, then align_store and
+    """The training job's store opening (kava_dist.targets.open_targets with store.cache_dir, then align_store and
     StoreLoader as the trainer builds them): one epoch costs at most 1 request per example on S3, and the resolved
     config saved with the run holds store.cache_dir / store.cache_bytes with the credentials still redacted.
     Without passing cache_dir on to the reader the same epoch costs ~2 requests per example (K/V shard files
@@ -171,7 +171,7 @@ def test_student_store_opening_with_cache_dir_reads_s3_once_per_example(tmp_path
     from kava_dist import fingerprint
     from kava_dist.config import load_config, save_config
     from kava_dist.loader import plan_for
-    from kava_dist.trainer import open_store_checked
+    from kava_dist.targets import open_targets
 
     monkeypatch.setattr(fingerprint, "cache_fingerprint", lambda cfg: ("fp", {}))   # _target_store's fingerprint
     with CountingMoto(log_path=str(tmp_path / "moto.log")) as s3:
@@ -180,9 +180,9 @@ def test_student_store_opening_with_cache_dir_reads_s3_once_per_example(tmp_path
         cfg = load_config(None, [f"store.path={url}", f"store.cache_dir={tmp_path / 'nvme'}",
                                  f"store.cache_bytes={1 << 30}", "train.global_batch=8", "train.micro_batch=4"])
         cfg.store.storage_options = dict(so)
-        n, requests, counts = _epoch_requests(s3, ids, lambda: open_store_checked(cfg),
+        n, requests, counts = _epoch_requests(s3, ids, lambda: open_targets(cfg),
                                               lambda aligned: plan_for(cfg.train, aligned, 1))
-    print(f"open_store_checked, store.cache_dir set: {requests} requests ({counts}) for {n} examples")
+    print(f"open_targets, store.cache_dir set: {requests} requests ({counts}) for {n} examples")
     assert requests <= n, counts
     assert any((tmp_path / "nvme").rglob("*")), "no shard file was cached in store.cache_dir"
 

@@ -206,13 +206,14 @@ def test_killed_and_resumed_run_reproduces_the_curve(ws):
 
 @pytest.mark.timeout(300)
 def test_store_with_other_fingerprint_is_refused_naming_the_field(ws):
+    from cache_store.errors import FingerprintMismatch
     from kava_dist.config import load_config
-    from kava_dist.trainer import FingerprintError, open_store_checked
+    from kava_dist.targets import open_targets
 
     over = [a for a in ws["common"][2:]] + ["train.stage=student", f"store.path={ws['store']}"]
-    assert len(open_store_checked(load_config("configs/tiny_cpu.yaml", over))) == 32
-    with pytest.raises(FingerprintError, match="eviction.lam: 0.1 != 0.5"):
-        open_store_checked(load_config("configs/tiny_cpu.yaml", over + ["eviction.lam=0.5"]))
+    assert len(open_targets(load_config("configs/tiny_cpu.yaml", over))) == 32
+    with pytest.raises(FingerprintMismatch, match="eviction.lam: 0.1 != 0.5"):
+        open_targets(load_config("configs/tiny_cpu.yaml", over + ["eviction.lam=0.5"]))
     rc, text = run([PY, "-m", "jobs.train", *ws["common"], "train.stage=student", f"store.path={ws['store']}",
                     "latent.num_latents=5", f"train.out_dir={ws['root'] / 'refused'}"], ws["root"] / "refused.log",
                    ok=False)

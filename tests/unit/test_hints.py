@@ -38,8 +38,7 @@ def test_data_mismatch_names_the_files_and_their_hashes(tiny_paths, tmp_path):
     from cache_store.writer import StoreWriter
     from kava_dist.build import source_hint
     from kava_dist.fingerprint import cache_fingerprint, fingerprint_sources
-    from kava_dist.targets import store_spec
-    from kava_dist.trainer import FingerprintError, open_store_checked
+    from kava_dist.targets import open_targets, store_spec
     from kava_testing import make_cfg
 
     built_from, other = write_data(tmp_path / "built.jsonl", 4), write_data(tmp_path / "other.jsonl", 5)
@@ -53,8 +52,8 @@ def test_data_mismatch_names_the_files_and_their_hashes(tiny_paths, tmp_path):
     cfg_b = make_cfg(tiny_paths["llama"], **{"data.train_path": other, "store.path": store, "train.stage": "student"})
     digest_b, fields_b = cache_fingerprint(cfg_b)
     want = [str(built_from.resolve()), fields_a["data.train_sha"], str(other.resolve()), fields_b["data.train_sha"]]
-    with pytest.raises(FingerprintError) as train_err:
-        open_store_checked(cfg_b)
+    with pytest.raises(FingerprintMismatch) as train_err:
+        open_targets(cfg_b)
     assert all(w in str(train_err.value) for w in want), str(train_err.value)
 
     with pytest.raises(FingerprintMismatch) as build_err:

@@ -27,7 +27,7 @@ def test_new_stores_default_to_zstd_level_1_and_old_blosc_stores_still_train(tmp
     from cache_store.errors import SpecMismatch
     from kava_dist import fingerprint
     from kava_dist.targets import store_spec
-    from kava_dist.trainer import open_store_checked
+    from kava_dist.targets import open_targets
 
     monkeypatch.setattr(fingerprint, "tokenizer_digest", lambda cfg: "tok")      # no model needed
     dims = (2, 2, 8, 16)
@@ -47,7 +47,7 @@ def test_new_stores_default_to_zstd_level_1_and_old_blosc_stores_still_train(tmp
                       "index": torch.zeros(4, 2, 2, 3, dtype=torch.int16), "example_id": torch.arange(4),
                       "cot_len": torch.ones(4, dtype=torch.int32)})
     new.store.path = w.url
-    reader = open_store_checked(new)                                              # the training side: accepted
+    reader = open_targets(new)                                              # the training side: accepted
     assert reader.spec.codec == CodecSpec("blosc-zstd", clevel=1)
     assert torch.equal(reader.get_batch([2, 0])["k"].view(torch.int16), k[[2, 0]].view(torch.int16))
     assert isinstance(StoreReader(w.url), StoreReader)
