@@ -125,7 +125,7 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device, loa
     if tc.zero_stage >= 2:
         # overlap_comm off: with it DeepSpeed synchronizes the whole device at the end of every backward and per
         # reduced bucket; only the LoRA/projection/token gradients (tens of MB) are reduced, so there is little
-        # communication to overlap and the syncs cost more (docs/PERFORMANCE.md, "Current: fused student passes"). An
+        # communication to overlap and the syncs cost more (docs/PERFORMANCE.md, "Fused student passes"). An
         # overlay may turn it on.
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
     if tc.zero_stage == 3:
