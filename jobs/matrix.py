@@ -27,6 +27,9 @@ job listed before it; `always: true` starts a job once its `after` jobs ended, w
 whose dependency failed is skipped. With --deadline-min, no train/cache job starts after deadline - reserve, and at
 the deadline running jobs are stopped (recorded as `killed`); `always` jobs still run after it.
 
+Before starting anything it checks that the train/cache jobs' packages import in their interpreter and that each
+`cmd` program is on PATH (kava_dist.schedule.preflight), and exits 2 naming what is missing (--no-preflight skips it).
+
 Writes {out}/_logs/{job}.log and {out}/matrix.json (per job: command, status, rc, start, wall seconds; written
 after every change, so it is current if the machine goes away). A rerun skips the jobs that succeeded before.
 Plan loading and the scheduler are kava_dist/schedule.py.
@@ -43,7 +46,7 @@ import yaml
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kava_dist.schedule import PlanError, Scheduler, load_plan  # noqa: E402
+from kava_dist.schedule import PlanError, Scheduler, load_plan, preflight  # noqa: E402
 
 log = logging.getLogger("jobs.matrix")
 
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reserve-min", type=float, default=2.0,
                     help="start no train/cache job later than this before the deadline")
     ap.add_argument("--dry-run", action="store_true", help="print the jobs' commands and exit")
+    ap.add_argument("--no-preflight", action="store_true",
+                    help="skip the check, before anything starts, that the jobs' packages import and programs exist")
     args = ap.parse_intermixed_args(argv)
     plans = [a for a in args.args if "=" not in a] + ([args.config] if args.config else [])
     if len(plans) != 1:
@@ -77,6 +82,10 @@ def main(argv=None) -> int:
         for j in jobs:
             print(f"{j.name}  [after {','.join(j.after) or '-'}]\n  {' '.join(j.argv)}")
         return 0
+    problems = [] if args.no_preflight else preflight(jobs)
+    if problems:
+        print("error: no job was started:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
     return Scheduler(out, args.slots or slots, jobs, args.deadline_min * 60 or None, args.reserve_min * 60).run()
 
 

@@ -3,11 +3,12 @@ that runs several at once (slots, dependencies, a deadline) and records them. jo
 any driver that runs train/build/evaluate jobs can.
 
 Usage:
-    from kava_dist.schedule import Job, Scheduler, evaluate_argv, load_plan, run_state, train_argv
+    from kava_dist.schedule import Job, Scheduler, evaluate_argv, load_plan, preflight, run_state, train_argv
     argv = train_argv("C.yaml", ["train.out_dir=runs/a"], resume=run_state(Path("runs/a")) == "partial")
     jobs = [Job("a", "train", argv), Job("a.eval", "cmd", evaluate_argv("runs/a", "data", "cpu"), after=["a"])]
     rc = Scheduler(Path("runs"), slots=2, jobs=jobs, deadline_s=600, reserve_s=60).run()   # 0: every job ok
     out, slots, jobs = load_plan("configs/experiments/mult4x4/matrix.yaml", ["device=cuda"], [])   # a matrix plan
+    problems = preflight(jobs)     # [] or what would fail at once (a package that does not import, a program)
 
 `run_state(run_dir)`: done (adapter exported, skip it) | partial (has a checkpoint: resume) | new. A Scheduler
 job starts once its `after` jobs succeeded and slots are free; a job whose dependency failed is skipped;
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +83,50 @@ def run_logged(argv: list[str], log_path: Path, env: dict | None = None, header:
             f.write(f"$ {' '.join(redact_argv(argv))}\n")
             f.flush()
         return subprocess.run(argv, cwd=str(ROOT), env=child_env(env), stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+KIND_MODULES = {"train": ("torch", "transformers", "peft", "deepspeed", "zarr"),
+                "cache": ("torch", "transformers", "ray", "zarr", "numcodecs")}
+"""What each job kind imports; `preflight` checks them before a plan starts anything."""
+
+_IMPORT_CHECK = """
+import importlib, json, sys
+bad = {}
+for m in sys.argv[1:]:
+    try:
+        importlib.import_module(m)
+    except BaseException as e:
+        bad[m] = f"{type(e).__name__}: {e}"
+print(json.dumps(bad))
+"""
+
+
+def preflight(jobs: list["Job"]) -> list[str]:
+    """What would make a plan's jobs fail at once, found before any starts (an empty list: nothing): each package
+    the train/cache jobs import, imported in the job's own interpreter and environment (a package that imports
+    but whose own dependency is missing fails here too: `import ray` without msgpack), and each `cmd` job's
+    program on PATH. One child process, a few seconds; each problem names its fix."""
+    problems: list[str] = []
+    by_python: dict[str, set[str]] = {}
+    for j in jobs:
+        if j.kind in KIND_MODULES:
+            by_python.setdefault(j.argv[0], set()).update(KIND_MODULES[j.kind])
+        elif j.kind == "cmd" and not (os.path.sep in j.argv[0] and os.access(j.argv[0], os.X_OK)) \
+                and shutil.which(j.argv[0], path=child_env(j.env).get("PATH")) is None:
+            here = Path(sys.executable).parent / j.argv[0]
+            fix = (f"it is in {here.parent}: activate that environment or put {here.parent} on PATH" if here.exists()
+                   else "install it (pip install -e . brings ray) or give its full path in the plan")
+            problems.append(f"job {j.name}: program {j.argv[0]!r} is not on PATH; {fix}")
+    for python, modules in by_python.items():
+        r = subprocess.run([python, "-c", _IMPORT_CHECK, *sorted(modules)], cwd=str(ROOT), env=child_env(),
+                           capture_output=True, text=True)
+        try:
+            bad = json.loads(r.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            bad = {"(interpreter)": (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]}
+        problems += [f"`import {m}` fails in {python}: {err}; install the missing package into that environment "
+                     f"(pip install -e . from the repo root installs every dependency)" for m, err in bad.items()]
+    return problems
 
 
 @dataclass

@@ -107,3 +107,42 @@ def test_slots_bound_concurrency(tmp_path: Path) -> None:
     assert run(plan)[0] == 0
     starts = sorted(float((tmp_path / "out" / f"t_j{i}").read_text()) for i in range(3))
     assert starts[1] - starts[0] >= 0.5 and starts[2] - starts[1] >= 0.5        # one at a time
+
+
+def test_preflight_stops_a_plan_whose_packages_do_not_import(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A cache job's package that imports only as far as a missing dependency of its own (as `import ray` does
+    without msgpack), and a cmd job's missing program, stop the matrix before any job starts, each named with
+    its fix."""
+    from jobs import matrix as matrix_job
+    from kava_dist import schedule
+
+    pkg = tmp_path / "site" / "half_installed"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import kava_test_missing_dependency\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    monkeypatch.setitem(schedule.KIND_MODULES, "cache", ("json", "half_installed"))
+    plan = write_plan(tmp_path, [
+        {"name": "first", "kind": "cmd", "run": touch("first")},
+        {"name": "build", "kind": "cache", "config": "C.yaml"},
+        {"name": "head", "kind": "cmd", "run": ["kava-test-no-such-program", "start"]},
+    ])
+    rc = matrix_job.main([str(plan)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert not (tmp_path / "out" / "order.txt").exists()          # nothing ran, not even the job that could
+    assert "`import half_installed` fails" in err and "kava_test_missing_dependency" in err
+    assert "pip install -e ." in err
+    assert "'kava-test-no-such-program' is not on PATH" in err
+    assert "json" not in err.split("no job was started")[1]      # what imports is not reported
+
+
+def test_preflight_passes_a_plan_that_can_run(tmp_path: Path, monkeypatch) -> None:
+    from kava_dist import schedule
+
+    monkeypatch.setitem(schedule.KIND_MODULES, "train", ("json",))
+    plan = write_plan(tmp_path, [
+        {"name": "a", "kind": "cmd", "run": touch("a")},
+        {"name": "t", "kind": "train", "config": "C.yaml"},
+    ])
+    _, _, jobs = load_plan(plan)
+    assert schedule.preflight(jobs) == []
