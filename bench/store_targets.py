@@ -8,6 +8,9 @@ Kinds (`--targets` of bench/train_bench.py):
               (posix_fadvise DONTNEED on each file; `cold_dropped` says whether the kernel honoured it)
     int8      a local store with int8 K/V (store.dtype=int8): the loader hands over int8 values + scales, which are
               dequantised on the device after the copy (kava_dist.loader.QuantizedTargets)
+    store-blosc, store-raw
+              `store` written with store.codec=blosc-zstd (the default before zstd) / none (no compression): the
+              read side of each codec, side by side with the default's
     s3        the store on an S3-compatible server (moto on 127.0.0.1, started here), ranged reads
     s3-cache  the same S3 store read through a local disk cache of whole shard files (StoreReader cache_dir)
 The s3 kinds count the requests the server saw per block (bench/moto_counting.py).
@@ -21,6 +24,7 @@ Usage::
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,7 +40,9 @@ from kava_dist.step import Targets
 
 log = logging.getLogger(__name__)
 
-KINDS = ("memory", "store", "cold", "int8", "s3", "s3-cache")
+KINDS = ("memory", "store", "cold", "int8", "store-blosc", "store-raw", "s3", "s3-cache")
+CODEC_KINDS = {"store-blosc": "blosc-zstd", "store-raw": "none"}
+"""The local warm-store kinds written with another `store.codec` than the config's."""
 
 
 class MemoryTargetLoader(TokenLoader):
@@ -122,7 +128,10 @@ class TargetSources:
                 self.urls[kind] = self.s3_url
                 continue
             url = str(self.workdir / kind)
-            self.write_s[kind] = write_store(url, targets, cfg_int8 if kind == "int8" else cfg, mc)
+            kcfg = cfg_int8 if kind == "int8" else cfg
+            if kind in CODEC_KINDS:
+                kcfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, codec=CODEC_KINDS[kind]))
+            self.write_s[kind] = write_store(url, targets, kcfg, mc)
             self.urls[kind] = url
         self.counts: dict[str, list[float]] = {k: [] for k in kinds if k.startswith("s3")}
         self.cold_dropped: list[int] = []
@@ -140,7 +149,7 @@ class TargetSources:
             return MemoryTargetLoader(items, self.targets, plan, rank, pad_id)
         reader = self.reader(kind)
         aligned, rows, _ = align_store(reader, items)
-        if kind == "store":                      # warm: every file read once through the page cache
+        if kind == "store" or kind in CODEC_KINDS:   # warm: every file read once through the page cache
             for p in Path(self.urls[kind]).rglob("*"):
                 if p.is_file():
                     p.read_bytes()
