@@ -9,7 +9,7 @@ what checksums are taken over. Rows of a shard past the rows actually written ar
 Usage::
 
     arrays = ensure_arrays(backend.zarr_store(), spec, num_shards)   # create if missing, check if present
-    write_shard_block(arrays["k"], shard_id, shard_size, block)       # block: [shard_size, *shape]
+    write_shard_block(arrays["k"], shard_id, shard_size, block)       # block: [shard_size, *shape], one file put
     cols = read_rows(arrays, ["k", "v"], rows)                        # one batched read per array
     checksum, nbytes, per_array = shard_checksums(backend, spec, 12)
 """
@@ -28,9 +28,14 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from cache_store.backend import Backend
 from cache_store.errors import SpecMismatch
+from cache_store.shard_file import Unsupported, write_shard_file
 from cache_store.spec import CodecSpec, StoredArray, StoreSpec
 
 logger = logging.getLogger(__name__)
+
+# False: every shard is written through zarr's codec pipeline (the reference path; same bytes, slower)
+DIRECT_SHARD_WRITES = True
+_ZARR_PATH_LOGGED: set[str] = set()
 
 try:  # run the per-array reads of a batch concurrently on zarr's event loop
     from zarr.core.sync import sync as _zarr_sync
@@ -97,8 +102,21 @@ def ensure_arrays(store: Any, spec: StoreSpec, num_shards: int, create: bool = T
 
 
 def write_shard_block(z: zarr.Array, shard_id: int, shard_size: int, block: np.ndarray) -> None:
-    """Write a whole shard (block has exactly shard_size rows) so the shard file is rewritten whole."""
+    """Write a whole shard (block has exactly shard_size rows) so the shard file is rewritten whole.
+
+    The file is encoded directly and put in one write (shard_file.write_shard_file; byte-identical to
+    zarr's). Arrays, blocks or shards that module does not reproduce go through zarr's own write, as does
+    every write while DIRECT_SHARD_WRITES is False.
+    """
     assert block.shape[0] == shard_size, (block.shape, shard_size)
+    if DIRECT_SHARD_WRITES:
+        try:
+            write_shard_file(z, shard_id, block)
+            return
+        except Unsupported as e:
+            if z.path not in _ZARR_PATH_LOGGED:
+                _ZARR_PATH_LOGGED.add(z.path)
+                logger.info("array %s: shard files written through zarr (%s)", z.path, e)
     lo = shard_id * shard_size
     z[lo : lo + shard_size] = block
 
