@@ -8,7 +8,8 @@ order, the encoded chunks back to back in row order (zarr's Morton order reduces
 the first axis has more than one chunk per shard), chunks equal to the fill value left out (unless the
 array writes empty chunks), then the shard index: (offset, nbytes) little-endian uint64 pairs per chunk,
 (2**64-1, 2**64-1) for absent chunks, followed by its crc32c, at the end of the file or at its start
-(offsets then count the index). A shard whose chunks are all fill is deleted, as zarr does. The file is
+(offsets then count the index). A shard whose chunks are all fill is deleted, as zarr does. Chunks are
+encoded on a thread pool shared by the process (numcodecs releases the GIL), as zarr encodes them. The file is
 byte-for-byte the one zarr 3.1 writes for the same block (tests/unit/test_shard_file.py checks this), so
 reading stays plain zarr and the ledger's file checksums do not depend on which path wrote a shard.
 
@@ -22,8 +23,11 @@ Usage::
 from __future__ import annotations
 
 import logging
+import os
 import struct
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numcodecs
@@ -46,6 +50,23 @@ else:
 
 _EMPTY = np.uint64(2**64 - 1)
 _BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+_POOL: tuple[int, ThreadPoolExecutor | None] | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _encode_pool() -> ThreadPoolExecutor | None:
+    """Threads shared by every shard write of the process to encode its chunks (numcodecs releases the GIL),
+    as many as zarr's own chunk concurrency allows on the cores this process may use; None on one core."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():  # a forked child has none of its parent's threads
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            workers = max(1, min(cores, int(zarr.config.get("async.concurrency") or cores)))
+            _POOL = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="shard_encode")) if workers > 1 else (
+                os.getpid(), None)
+        return _POOL[1]
 
 
 class Unsupported(Exception):
@@ -136,19 +157,29 @@ def encode_shard(plan: ShardPlan, block: np.ndarray) -> bytes | None:
         # zarr would cast (or byte-swap a big-endian block); its casting rules are not reproduced here
         raise Unsupported(f"block dtype {block.dtype} is not the array's {plan.dtype}")
     raw = np.ascontiguousarray(block).reshape(plan.rows, -1).view(np.uint8)
-    present = np.ones(plan.rows, dtype=bool) if plan.write_empty_chunks else raw.any(axis=1)
+    if plan.write_empty_chunks:
+        present = np.ones(plan.rows, dtype=bool)
+    else:  # a row of data almost always has a nonzero byte near its start: scan whole rows only when not
+        present = raw[:, :64].any(axis=1)
+        if not present.all():
+            present[~present] = raw[~present].any(axis=1)
     if not present.any():
         return None
-    index = np.full((plan.rows, 2), _EMPTY, dtype="<u8")
-    chunks: list[bytes] = []
-    offset = 0
-    for i in np.flatnonzero(present):
+
+    def encode(i: int) -> bytes:
         data = raw[i]
         for step in plan.steps:
             data = step(data)
+        return data
+
+    rows = [int(i) for i in np.flatnonzero(present)]
+    pool = _encode_pool() if plan.steps and len(rows) > 1 else None
+    chunks = list(pool.map(encode, rows)) if pool is not None else [encode(i) for i in rows]
+    index = np.full((plan.rows, 2), _EMPTY, dtype="<u8")
+    offset = 0
+    for i, data in zip(rows, chunks):
         index[i] = (offset, len(data))
         offset += len(data)
-        chunks.append(data)
     index_nbytes = 16 * plan.rows + 4 * plan.index_crcs
     if plan.index_at_start:
         index[present, 0] += np.uint64(index_nbytes)

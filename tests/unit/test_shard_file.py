@@ -3,6 +3,7 @@ and arrays the encoder does not reproduce are written through zarr instead."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from zarr.codecs import GzipCodec
 
 from cache_store import CodecSpec, FieldSpec, StoreSpec, StoreWriter
 from cache_store import zarr_io
-from cache_store.shard_file import Unsupported, shard_plan, write_shard_file
+from cache_store import shard_file
+from cache_store.shard_file import Unsupported, encode_shard, shard_plan, write_shard_file
 from cache_store.zarr_io import compressors, ensure_arrays, shard_file_key, write_shard_block
 
 S = 4  # examples per shard
@@ -38,6 +40,7 @@ def spec_all(codec: CodecSpec) -> StoreSpec:
         FieldSpec("k", (2, 3, 5), "bfloat16", quant="int8", quant_reduce_axes=(1,), codec=CodecSpec("none")),
         FieldSpec("v", (2, 3, 5), "float32", quant="int4", quant_reduce_axes=(2,)),
         FieldSpec("example_id", (), "int64"),
+        FieldSpec("wide", (3, 40), "float16"),
     ]
     return StoreSpec(fields=tuple(fields), shard_size=S, codec=codec)
 
@@ -55,6 +58,8 @@ def block_for(z: zarr.Array, seed: int, empty_rows: tuple[int, ...] = (1,)) -> n
     else:
         info = np.iinfo(dt)
         b = rng.integers(info.min, info.max, size=shape, dtype=dt, endpoint=True)
+    if b[0].nbytes > 64:  # data only past a row's first 64 bytes: still a chunk
+        b[0].reshape(-1).view(np.uint8)[:64] = 0
     for r in empty_rows:
         b[r] = 0
     return b
@@ -109,6 +114,16 @@ def test_index_location_and_empty_chunks(tmp_path: Path, shards, write_empty: bo
             write_shard_file(z, SHARD, block)
         files.append(shard_bytes(tmp_path / name, f"a/c/{SHARD}/0"))
     assert files[0] is not None and files[1] == files[0]
+
+
+def test_pooled_and_sequential_encodes_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    z = ensure_arrays(zarr.storage.LocalStore(tmp_path), spec_all(CODECS["blosc-zstd"]), 3)["x_float32"]
+    block, plan = block_for(z, 9, (2,)), shard_plan(z)
+    with ThreadPoolExecutor(3) as pool:
+        monkeypatch.setattr(shard_file, "_encode_pool", lambda: pool)
+        pooled = encode_shard(plan, block)
+    monkeypatch.setattr(shard_file, "_encode_pool", lambda: None)
+    assert pooled is not None and encode_shard(plan, block) == pooled
 
 
 def test_zarr_reads_direct_file_back(tmp_path: Path) -> None:
