@@ -118,8 +118,13 @@ def preflight(jobs: list["Job"]) -> list[str]:
                    else "install it (pip install -e . brings ray) or give its full path in the plan")
             problems.append(f"job {j.name}: program {j.argv[0]!r} is not on PATH; {fix}")
     for python, modules in by_python.items():
-        r = subprocess.run([python, "-c", _IMPORT_CHECK, *sorted(modules)], cwd=str(ROOT), env=child_env(),
-                           capture_output=True, text=True)
+        try:
+            r = subprocess.run([python, "-c", _IMPORT_CHECK, *sorted(modules)], cwd=str(ROOT), env=child_env(),
+                               capture_output=True, text=True)
+        except OSError as e:
+            problems.append(f"interpreter {python} of the train/cache jobs cannot run ({e}); set {{python}} in the "
+                            "plan's vars or run jobs.matrix with the project's Python")
+            continue
         try:
             bad = json.loads(r.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
