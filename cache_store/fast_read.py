@@ -33,12 +33,11 @@ import numpy as np
 from numcodecs import blosc, zstd
 
 from cache_store.backend import Backend, LocalBackend, ShardFileCache, _pread_ranges
+from cache_store.shard_file import ABSENT_CHUNK
 from cache_store.spec import StoredArray, StoreSpec
 from cache_store.zarr_io import shard_file_key
 
 logger = logging.getLogger(__name__)
-
-_EMPTY = np.uint64(2**64 - 1)
 
 
 class ChunkCorrupt(ValueError):
@@ -261,7 +260,7 @@ class FastChunkReader:
         for p in paths:
             for i, (s, r) in enumerate(pairs):
                 idx = index[(p, s)]
-                if idx is None or idx[r, 0] == _EMPTY:
+                if idx is None or idx[r, 0] == ABSENT_CHUNK:
                     out[p][i] = 0  # fill value
                     continue
                 off, nb = int(idx[r, 0]), int(idx[r, 1])

@@ -9,9 +9,10 @@ the first axis has more than one chunk per shard), chunks equal to the fill valu
 array writes empty chunks), then the shard index: (offset, nbytes) little-endian uint64 pairs per chunk,
 (2**64-1, 2**64-1) for absent chunks, followed by its crc32c, at the end of the file or at its start
 (offsets then count the index). A shard whose chunks are all fill is deleted, as zarr does. Chunks are
-encoded on a thread pool shared by the process (numcodecs releases the GIL), as zarr encodes them. The file is
-byte-for-byte the one zarr 3.1 writes for the same block (tests/unit/test_shard_file.py checks this), so
-reading stays plain zarr and the ledger's file checksums do not depend on which path wrote a shard.
+encoded on a thread pool shared by the process (numcodecs encodes outside Python's interpreter lock, so the
+threads run in parallel), as zarr encodes them. The file is byte-for-byte the one zarr 3.1 writes for the
+same block (tests/unit/test_shard_file.py checks this), so reading stays plain zarr and the ledger's file
+checksums do not depend on which path wrote a shard.
 
 Usage::
 
@@ -48,7 +49,8 @@ except ImportError as e:  # pragma: no cover - zarr internals moved: every write
 else:
     _IMPORT_ERROR = None
 
-_EMPTY = np.uint64(2**64 - 1)
+ABSENT_CHUNK = np.uint64(2**64 - 1)
+"""Offset and size in a shard index of a chunk the file does not hold (zarr's sentinel; fast_read reads it)."""
 _BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
@@ -57,8 +59,9 @@ _POOL_LOCK = threading.Lock()
 
 
 def _encode_pool() -> ThreadPoolExecutor | None:
-    """Threads shared by every shard write of the process to encode its chunks (numcodecs releases the GIL),
-    as many as zarr's own chunk concurrency allows on the cores this process may use; None on one core."""
+    """Threads shared by every shard write of the process to encode its chunks (numcodecs encodes outside the
+    interpreter lock), as many as zarr's own chunk concurrency allows on the cores this process may use; None on
+    one core."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL[0] != os.getpid():  # a forked child has none of its parent's threads
@@ -175,7 +178,7 @@ def encode_shard(plan: ShardPlan, block: np.ndarray) -> bytes | None:
     rows = [int(i) for i in np.flatnonzero(present)]
     pool = _encode_pool() if plan.steps and len(rows) > 1 else None
     chunks = list(pool.map(encode, rows)) if pool is not None else [encode(i) for i in rows]
-    index = np.full((plan.rows, 2), _EMPTY, dtype="<u8")
+    index = np.full((plan.rows, 2), ABSENT_CHUNK, dtype="<u8")
     offset = 0
     for i, data in zip(rows, chunks):
         index[i] = (offset, len(data))
