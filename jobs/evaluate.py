@@ -5,9 +5,12 @@ Usage:
     python -m jobs.evaluate --run runs/llama1b_aug --datasets gsm8k,gsm_hard,svamp --data-dir data --device cuda
     python -m jobs.evaluate --run runs/x --datasets path/to/set.jsonl.gz,mult4x4 --limit 200 --batch-size 32
     python -m jobs.evaluate --run runs/x --datasets gsm8k --budgets 8,16,24,32      # + latent-budget sweep
+    python -m jobs.evaluate --run runs/teacher --datasets mult4x4 --cache-probe 24,48   # + teacher from evicted cache
 
 Writes RUN/eval/{dataset}.json (summary + per-question records) and RUN/eval/summary.md; with --budgets also
-RUN/eval/budget/M{m}/{dataset}.json and RUN/eval/budget.json (drawn as a heatmap by `python -m jobs.report`).
+RUN/eval/budget/M{m}/{dataset}.json and RUN/eval/budget.json (drawn as a heatmap by `python -m jobs.report`);
+with --cache-probe (a teacher run) RUN/eval/cache_probe/{dataset}.json and .md: the teacher's accuracy when it
+answers from its CoT cache evicted to M entries per head (kava_dist.cache_probe).
 The run is `--run DIR`, or, as for every job, `--config FILE` plus `section.key=value` overrides: the run of that
 training command (its train.out_dir). Overrides are applied to the run's config.yaml on load (e.g.
 model.dtype=float32, eval.max_new_tokens=64; `--set KEY=VALUE` is the same).
@@ -50,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (dtype comes from model.dtype)")
     ap.add_argument("--budgets", type=_ints, default=[],
                     help="also sweep M (latent.num_latents at inference), e.g. 8,16,24,32 (student/online runs)")
+    ap.add_argument("--cache-probe", type=_ints, default=[], metavar="M,M",
+                    help="teacher runs: also answer from the CoT cache evicted to each M (e.g. 24,48), in the "
+                         "teacher's and the student's layouts (kava_dist.cache_probe)")
     ap.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override applied on load, e.g. --set model.dtype=float32 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
@@ -89,6 +95,13 @@ def main(argv: list[str] | None = None) -> dict:
         summaries = evaluate_run(args.run, datasets, data_dir=args.data_dir, device=args.device,
                                  batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
                                  budgets=args.budgets, overrides=args.overrides, progress=not args.no_progress)
+        if args.cache_probe:
+            from kava_dist.cache_probe import probe_run
+
+            for name, probe in probe_run(args.run, datasets, args.cache_probe, data_dir=args.data_dir,
+                                         device=args.device, batch_size=args.batch_size, limit=args.limit,
+                                         overrides=args.overrides, progress=not args.no_progress).items():
+                summaries[name]["cache_probe"] = probe
     except REFUSED as e:   # one line naming the fix, exit code 2
         raise SystemExit(refuse(e)) from None
     for name, s in summaries.items():
@@ -96,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {100 * s['accuracy']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}] of {s['n']}, "
               f"{s['forward_passes']:.2f} passes/q (prefill {s['prefill_passes']:.0f}), "
               f"{1000 * s['latency_s']:.1f} ms/q")
+        for layout, by_m in s.get("cache_probe", {}).items():
+            print(f"  cache probe {layout}: " + ", ".join(f"M={m} {100 * r['accuracy']:.1f}%" for m, r in by_m.items()))
     return summaries
 
 

@@ -171,23 +171,33 @@ def generate_answers(model, q_ids: torch.Tensor, q_mask: torch.Tensor, prompt_id
                   cot_ids=q_ids[:, :0], cot_mask=q_mask[:, :0], ans_ids=q_ids[:, :0], ans_mask=q_mask[:, :0],
                   prompt_len=len(prompt_ids))
     prefix, last, z_BMd = prefix_and_latents(model, dummy, special, latent)
-    cache = make_cache(last.kv)
-    passes = 1 + latent.num_iterations
     forced = torch.tensor([special.eot] + list(prompt_ids), device=dev).expand(B, -1)
-    mask = torch.cat([prefix.lat_mask, torch.ones_like(forced, dtype=torch.bool)], dim=1)
     pos0 = prefix.qlen + 1 + M if latent.fix_masks else torch.full((B,), Q + 1 + M, device=dev)
-    pos = pos0[:, None] + torch.arange(forced.shape[1], device=dev)[None]
-    out = lm(input_ids=forced, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    passes += 1
-    count = torch.full((B,), passes, dtype=torch.long, device=dev)
+    rows, count = forced_then_greedy(lm, make_cache(last.kv), prefix.lat_mask, forced, pos0, special.eos,
+                                     max_new_tokens)
+    passes = [1 + latent.num_iterations + n for n in count]
+    return Generation(tokens=rows, forward_passes=passes, latents_BMd=z_BMd)
+
+
+@torch.no_grad()
+def forced_then_greedy(lm, cache, mask_BK: torch.Tensor, forced_BF: torch.Tensor, pos0_B: torch.Tensor, eos: int,
+                       max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """One pass over the forced tokens (e.g. <eot> + prompt) at positions pos0_B + 0..F-1 on top of `cache`
+    (masked by `mask_BK`), then greedy decoding, one pass per token. Returns (tokens per row without EOS, passes
+    per row: the forced pass + one per further token the row needed)."""
+    B, dev = forced_BF.shape[0], forced_BF.device
+    mask = torch.cat([mask_BK, torch.ones_like(forced_BF, dtype=torch.bool)], dim=1)
+    pos = pos0_B[:, None] + torch.arange(forced_BF.shape[1], device=dev)[None]
+    out = lm(input_ids=forced_BF, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    count = torch.ones(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     tokens = torch.empty(B, 0, dtype=torch.long, device=dev)
     next_pos = pos[:, -1]
     for step in range(max_new_tokens):
         nxt = out.logits[:, -1].argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, special.eos), nxt)
+        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done = done | (nxt == special.eos)
+        done = done | (nxt == eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
@@ -195,7 +205,5 @@ def generate_answers(model, q_ids: torch.Tensor, q_mask: torch.Tensor, prompt_id
         out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                  past_key_values=out.past_key_values, use_cache=True)
         count += (~done).long()
-    rows = []
-    for r in tokens.tolist():
-        rows.append(r[: r.index(special.eos)] if special.eos in r else r)
-    return Generation(tokens=rows, forward_passes=count.tolist(), latents_BMd=z_BMd)
+    rows = [r[: r.index(eos)] if eos in r else r for r in tokens.tolist()]
+    return rows, count.tolist()

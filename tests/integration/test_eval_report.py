@@ -54,7 +54,7 @@ def _save_run(root: Path, cfg, model, tok, stage: str, seed: int, adapter_from: 
 
 
 @pytest.mark.integration
-def test_evaluate_and_report_end_to_end(tiny_paths, tmp_path):
+def test_evaluate_and_report_end_to_end(tiny_paths, tmp_path, capsys):
     from kava_dist.step import online_step
 
     data = tmp_path / "data"
@@ -90,7 +90,7 @@ def test_evaluate_and_report_end_to_end(tiny_paths, tmp_path):
     from jobs import report as rep_job
 
     for run in (r0, r1, rt):
-        extra = ["--budgets", "2,4"] if run == r0 else []
+        extra = ["--budgets", "2,4"] if run == r0 else ["--cache-probe", "2,3"] if run == rt else []
         ev_job.main(["--run", str(run), "--datasets", "toy", "--data-dir", str(data), "--batch-size", "4",
                      "--no-progress"] + extra)
     for run in (r0, r1, rt):
@@ -103,6 +103,14 @@ def test_evaluate_and_report_end_to_end(tiny_paths, tmp_path):
     budget = json.loads((r0 / "eval" / "budget.json").read_text())
     assert budget["budgets"] == [2, 4] and {c["M"] for c in budget["cells"]} == {2, 4}
     assert (r0 / "eval" / "budget" / "M2" / "toy.json").stat().st_size > 0
+    probe = json.loads((rt / "eval" / "cache_probe" / "toy.json").read_text())
+    assert probe["budgets"] == ["all", "2", "3"] and probe["n"] == len(QUESTIONS)
+    assert set(probe["summary"]) == {"teacher", "student_post", "student_pre"}
+    assert "| teacher | " in (rt / "eval" / "cache_probe" / "toy.md").read_text()
+    with pytest.raises(SystemExit):
+        ev_job.main(["--run", str(r1), "--datasets", "toy", "--data-dir", str(data), "--no-progress",
+                     "--cache-probe", "2"])
+    assert "Give it the teacher's run" in capsys.readouterr().err
 
     out = tmp_path / "tables"
     result = rep_job.main([str(r0), str(r1), str(rt), "--out", str(out), "--figure-data", str(train_file),
