@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-probe", type=_ints, default=[], metavar="M,M",
                     help="teacher runs: also answer from the CoT cache evicted to each M (e.g. 24,48), in the "
                          "teacher's and the student's layouts (kava_dist.cache_probe)")
+    ap.add_argument("--cache-probe-only", action="store_true",
+                    help="run only the cache probe (e.g. again under --set eviction.method=attention)")
     ap.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override applied on load, e.g. --set model.dtype=float32 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
@@ -92,25 +94,30 @@ def main(argv: list[str] | None = None) -> dict:
     from jobs._cli import REFUSED, refuse
 
     try:
-        summaries = evaluate_run(args.run, datasets, data_dir=args.data_dir, device=args.device,
-                                 batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                                 budgets=args.budgets, overrides=args.overrides, progress=not args.no_progress)
+        if args.cache_probe_only and not args.cache_probe:
+            raise ValueError("--cache-probe-only needs --cache-probe M,M (e.g. --cache-probe 24,48).")
+        summaries = {} if args.cache_probe_only else evaluate_run(
+            args.run, datasets, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size,
+            limit=args.limit, max_new_tokens=args.max_new_tokens, budgets=args.budgets, overrides=args.overrides,
+            progress=not args.no_progress)
         if args.cache_probe:
             from kava_dist.cache_probe import probe_run
 
             for name, probe in probe_run(args.run, datasets, args.cache_probe, data_dir=args.data_dir,
                                          device=args.device, batch_size=args.batch_size, limit=args.limit,
                                          overrides=args.overrides, progress=not args.no_progress).items():
-                summaries[name]["cache_probe"] = probe
+                summaries.setdefault(name, {})["cache_probe"] = probe
     except REFUSED as e:   # one line naming the fix, exit code 2
         raise SystemExit(refuse(e)) from None
     for name, s in summaries.items():
-        lo, hi = s["ci95"]
-        print(f"{name}: {100 * s['accuracy']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}] of {s['n']}, "
-              f"{s['forward_passes']:.2f} passes/q (prefill {s['prefill_passes']:.0f}), "
-              f"{1000 * s['latency_s']:.1f} ms/q")
+        if "ci95" in s:              # absent with --cache-probe-only
+            lo, hi = s["ci95"]
+            print(f"{name}: {100 * s['accuracy']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}] of {s['n']}, "
+                  f"{s['forward_passes']:.2f} passes/q (prefill {s['prefill_passes']:.0f}), "
+                  f"{1000 * s['latency_s']:.1f} ms/q")
         for layout, by_m in s.get("cache_probe", {}).items():
-            print(f"  cache probe {layout}: " + ", ".join(f"M={m} {100 * r['accuracy']:.1f}%" for m, r in by_m.items()))
+            print(f"{name} cache probe {layout}: " + ", ".join(f"M={m} {100 * r['accuracy']:.1f}%"
+                                                             for m, r in by_m.items()))
     return summaries
 
 

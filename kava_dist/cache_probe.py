@@ -149,11 +149,18 @@ def probe_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, path: 
             "examples": [shown[i] for i in sorted(shown)]}
 
 
+def probe_tag(cfg: KavaConfig) -> str:
+    """The eviction settings a probe ran under, for its file name: e.g. `rkv-lam0.1-share_none`."""
+    e = cfg.eviction
+    return f"{e.method}-lam{e.lam:g}-share_{e.share}"
+
+
 def probe_run(run_dir: str | Path, datasets: Sequence[str], budgets: Sequence[int], data_dir: str | Path = "data",
               device: str = "cpu", batch_size: int | None = None, limit: int | None = None,
               overrides: Sequence[str] = (), progress: bool = True) -> dict[str, dict]:
     """Load a teacher run and probe it on `datasets` (names or paths; default cfg.eval.datasets). Writes
-    RUN/eval/cache_probe/{dataset}.json and .md; returns {dataset: summary}."""
+    RUN/eval/cache_probe/{dataset}.{eviction tag}.json and .md (`probe_tag`: probes under other eviction settings,
+    e.g. `--set eviction.method=attention`, sit side by side); returns {dataset: summary}."""
     from kava_dist.run import RunDir, load_run
 
     rd = RunDir(run_dir)
@@ -168,10 +175,12 @@ def probe_run(run_dir: str | Path, datasets: Sequence[str], budgets: Sequence[in
         res = probe_dataset(model, tokenizer, special, cfg, path, budgets, limit=limit, batch_size=batch_size,
                             progress=progress)
         res["run"] = str(rd.root)
-        tmp = out_dir / f"{name}.json.tmp"
+        stem = f"{name}.{probe_tag(cfg)}"
+        tmp = out_dir / f"{stem}.json.tmp"
         tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(out_dir / f"{name}.json")
-        (out_dir / f"{name}.md").write_text(probe_markdown(res, f"Cache probe of {rd.root} on {name}"))
+        tmp.replace(out_dir / f"{stem}.json")
+        (out_dir / f"{stem}.md").write_text(probe_markdown(res, f"Cache probe of {rd.root} on {name}, eviction "
+                                                                f"{probe_tag(cfg)}"))
         out[name] = res["summary"]
     return out
 

@@ -103,10 +103,16 @@ def test_evaluate_and_report_end_to_end(tiny_paths, tmp_path, capsys):
     budget = json.loads((r0 / "eval" / "budget.json").read_text())
     assert budget["budgets"] == [2, 4] and {c["M"] for c in budget["cells"]} == {2, 4}
     assert (r0 / "eval" / "budget" / "M2" / "toy.json").stat().st_size > 0
-    probe = json.loads((rt / "eval" / "cache_probe" / "toy.json").read_text())
+    probe = json.loads((rt / "eval" / "cache_probe" / "toy.rkv-lam0.1-share_none.json").read_text())
     assert probe["budgets"] == ["all", "2", "3"] and probe["n"] == len(QUESTIONS)
     assert set(probe["summary"]) == {"teacher", "student_post", "student_pre"}
-    assert "| teacher | " in (rt / "eval" / "cache_probe" / "toy.md").read_text()
+    assert "| teacher | " in (rt / "eval" / "cache_probe" / "toy.rkv-lam0.1-share_none.md").read_text()
+    before = (rt / "eval" / "toy.json").stat().st_mtime_ns
+    ev_job.main(["--run", str(rt), "--datasets", "toy", "--data-dir", str(data), "--no-progress",
+                 "--cache-probe", "2", "--cache-probe-only", "--set", "eviction.method=attention"])
+    assert (rt / "eval" / "toy.json").stat().st_mtime_ns == before           # the decoding eval did not rerun
+    other = json.loads((rt / "eval" / "cache_probe" / "toy.attention-lam0.1-share_none.json").read_text())
+    assert other["eviction"]["method"] == "attention" and other["budgets"] == ["all", "2"]
     with pytest.raises(SystemExit):
         ev_job.main(["--run", str(r1), "--datasets", "toy", "--data-dir", str(data), "--no-progress",
                      "--cache-probe", "2"])
