@@ -144,7 +144,7 @@ class TargetSources:
             return StoreReader(self.urls[kind], storage_options=self.so, cache_dir=cache)
         return StoreReader(self.urls[kind])
 
-    def loader(self, kind: str, items, plan, rank: int, pad_id: int):
+    def loader(self, kind: str, items, plan, rank: int, pad_id: int, switch_interval_ms: float = 0.0):
         if kind == "memory":
             return MemoryTargetLoader(items, self.targets, plan, rank, pad_id)
         reader = self.reader(kind)
@@ -153,7 +153,7 @@ class TargetSources:
             for p in Path(self.urls[kind]).rglob("*"):
                 if p.is_file():
                     p.read_bytes()
-        return StoreLoader(reader, aligned, rows, plan, rank, pad_id)
+        return StoreLoader(reader, aligned, rows, plan, rank, pad_id, switch_interval_ms=switch_interval_ms)
 
     def before_block(self, kind: str) -> None:
         if kind == "cold":

@@ -13,6 +13,8 @@ Usage:
     python bench/train_bench.py --shape 1b,3b --global-batch 256 --micro-batch 1b=256,3b=128 --variants student
     python bench/train_bench.py --shape 1b --variants student,student:train.group_by_length=8 --pool 8 --steps 8
                                        # a variant is STAGE[@FUSED_MODE][:KEY=VALUE...] (its own config overrides)
+    python bench/train_bench.py --shape 1b --variants student:train.group_by_length=8,student:train.group_by_length=8:train.loader_switch_interval_ms=0.5 --targets memory,store
+                                       # the store read with Python's thread switch interval at 0.5 ms
 
 Model: Llama-3.2 shapes with random weights (1b: 16 layers, d 2048, 32 q / 8 kv heads, MLP 8192, vocab 128256,
 tied embeddings; 3b: 28 layers, d 3072, 24 / 8 heads), paper settings: LoRA r=128, alpha 32, dropout 0.1 on
@@ -339,7 +341,9 @@ def _bench_shape(shape: str, args, dist, micro_of: dict[str, int], held: dict) -
             held["sources"] = sources
         patched[v] = apply_fused(model, fused[v], dev, cfgs[v].train.zero_stage)
         for kind in (kinds if stage[v] == "student" else ["-"]):
-            loaders[(v, kind)] = (sources.loader(kind, items, plans[v], dist.rank, special.pad) if kind != "-" else
+            loaders[(v, kind)] = (sources.loader(kind, items, plans[v], dist.rank, special.pad,
+                                                 switch_interval_ms=cfgs[v].train.loader_switch_interval_ms)
+                                  if kind != "-" else
                                   TokenLoader(items, plans[v], dist.rank, special.pad, prefetch=4))
             runs.append((v, kind))
         if args.compile:

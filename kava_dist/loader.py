@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -317,8 +318,10 @@ class StoreLoader(TokenLoader):
     carries the bf16 targets."""
 
     def __init__(self, reader, items: Sequence[Encoded], rows: np.ndarray, plan: GlobalBatchPlan, rank: int,
-                 pad_id: int, prefetch: int = 4, dtype: torch.dtype | None = None, readahead: int = 16):
+                 pad_id: int, prefetch: int = 4, dtype: torch.dtype | None = None, readahead: int = 16,
+                 switch_interval_ms: float = 0.0):
         super().__init__(items, plan, rank, pad_id, prefetch)
+        self.switch_interval_ms = switch_interval_ms
         if len(rows) != len(self.encoded):
             raise ValueError(f"{len(rows)} store rows for {len(self.encoded)} items; build both with align_store().")
         self.reader, self.rows, self.dtype = reader, np.asarray(rows, dtype=np.int64), dtype
@@ -340,6 +343,19 @@ class StoreLoader(TokenLoader):
             if len(window) > self.readahead:
                 yield window.popleft()
         yield from window
+
+    def iterate(self, start_step: int, num_steps: int) -> Iterator[tuple[int, int, object, Targets | None]]:
+        """TokenLoader.iterate; with `switch_interval_ms` > 0 (train.loader_switch_interval_ms) Python's thread
+        switch interval is that while the iterator is open, so the read threads get the GIL sooner."""
+        if self.switch_interval_ms <= 0:
+            yield from super().iterate(start_step, num_steps)
+            return
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(self.switch_interval_ms / 1000)
+        try:
+            yield from super().iterate(start_step, num_steps)
+        finally:
+            sys.setswitchinterval(before)
 
     def _make(self, key):
         step, micro, idx = key

@@ -100,7 +100,8 @@ class Trainer:
             if dist.is_main:
                 log.info("store %s (fingerprint %s): %s", cfg.store.path, self.reader.fingerprint, info)
             self.plan = plan_for(tc, items, dist.world_size)
-            self.loader = StoreLoader(self.reader, items, rows, self.plan, dist.rank, self.special.pad)
+            self.loader = StoreLoader(self.reader, items, rows, self.plan, dist.rank, self.special.pad,
+                                      switch_interval_ms=tc.loader_switch_interval_ms)
             self.example_map = ExampleMap.of([e.id for e in items], rows)
         else:
             self.example_map = ExampleMap.of([e.id for e in encoded])

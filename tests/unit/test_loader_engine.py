@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -187,6 +188,35 @@ def test_store_loader_follows_data_order_and_reads_only_the_fields_a_step_uses()
         assert t.k_BLHMD[:, 0, 0, 0, 0].long().tolist() == b.ids.tolist()
         assert t.codi_BLd[:, 0].long().tolist() == b.ids.tolist()
     assert reader.fields == [READ_FIELDS] * len(reader.reads) and "index" not in READ_FIELDS
+
+
+def test_store_loader_switch_interval_holds_while_reading_and_is_restored():
+    """train.loader_switch_interval_ms: the interval the read threads see while the iterator is open (also after an
+    error in the loop), and the interpreter's own afterwards; 0 leaves it alone."""
+    items = enc(16)
+    reader = FakeReader([e.id for e in items])
+    aligned, rows, _ = align_store(reader, items)
+    plan = GlobalBatchPlan(len(aligned), 4, 2, 1, seed=1)
+    before = sys.getswitchinterval()
+    seen = []
+    real = reader.get_batch
+
+    def spy(*a, **k):                                      # runs on the prefetch thread
+        seen.append(sys.getswitchinterval())
+        return real(*a, **k)
+
+    reader.get_batch = spy
+    assert len(list(StoreLoader(reader, aligned, rows, plan, 0, 0, prefetch=2, switch_interval_ms=0.5)
+                    .iterate(0, 3))) == 6
+    assert seen and all(x == pytest.approx(0.0005) for x in seen)
+    assert sys.getswitchinterval() == before
+    with pytest.raises(RuntimeError):
+        for _ in StoreLoader(reader, aligned, rows, plan, 0, 0, prefetch=2, switch_interval_ms=0.25).iterate(0, 3):
+            raise RuntimeError("a failing step")
+    assert sys.getswitchinterval() == before
+    seen.clear()
+    list(StoreLoader(reader, aligned, rows, plan, 0, 0, prefetch=2).iterate(0, 1))
+    assert seen and all(x == before for x in seen)
 
 
 def test_store_loader_on_a_real_store_gives_each_example_its_own_targets(tmp_path):
