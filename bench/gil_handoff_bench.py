@@ -7,12 +7,14 @@ StoreReader.get_batch (the loader's read) of one local store, warm, on a backgro
     alone         nothing else running;
     beside busy   the main thread runs a pure-Python loop (the worst case: a training step holds the GIL in
                   Python for part of its time and in C++/CUDA, where torch releases it, for the rest);
-for each switch interval asked, and prints reads (examples/s) and the busy loop's speed against its speed alone.
-`train.loader_switch_interval_ms` sets the interval for training.
+for each switch interval asked, and with `--processes N` also through cache_store.read_workers.ReadWorkers (the
+reads in N worker processes, at Python's default interval); prints reads (examples/s) and the busy loop's speed
+against its speed alone. `train.loader_switch_interval_ms` and `train.loader_read_processes` set them for training.
 
 Usage:
     python bench/gil_handoff_bench.py                                   # 1B-shaped targets, zstd:1, 5/1/0.5/0.2 ms
     python bench/gil_handoff_bench.py --intervals 5,0.5 --codec blosc-zstd:1 --seconds 3 --json out.json
+    python bench/gil_handoff_bench.py --intervals 5 --processes 1,2                   # + reads in worker processes
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.store_bench import make_data, make_spec  # noqa: E402
 from cache_store import CodecSpec, StoreReader, StoreWriter  # noqa: E402
+from cache_store.read_workers import ReadWorkers  # noqa: E402
 
 
 def _busy(stop: threading.Event, count: list[int]) -> None:
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=32, help="examples per get_batch")
     ap.add_argument("--intervals", default="5,1,0.5,0.2", help="switch intervals to try, in ms")
     ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    ap.add_argument("--processes", default="", help="also read through N worker processes, e.g. 1,2")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     name, _, level = a.codec.partition(":")
@@ -102,6 +106,19 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"switch {ms:g} ms: reads alone {alone:.0f} ex/s, beside a busy Python thread {beside:.0f} ex/s "
                       f"({beside / alone:.2f}x); the busy thread ran at {loops / busy_alone:.2f}x its speed alone",
                       flush=True)
+            for n in [int(x) for x in a.processes.split(",") if x.strip()]:
+                sys.setswitchinterval(before)
+                with ReadWorkers(reader, processes=n) as workers:
+                    workers.get_batch(np.arange(a.batch))                  # workers started and warm
+                    alone, _ = measure(workers, a.examples, a.batch, a.seconds, busy=False)
+                    beside, loops = measure(workers, a.examples, a.batch, a.seconds, busy=True)
+                row = {"read_processes": n, "switch_interval_ms": before * 1000, "reads_alone_ex_s": alone,
+                       "reads_beside_busy_ex_s": beside, "reads_beside_vs_alone": beside / alone,
+                       "busy_loop_vs_alone": loops / busy_alone}
+                rows.append(row)
+                print(f"{n} read process(es), switch {before * 1000:g} ms: reads alone {alone:.0f} ex/s, beside a busy "
+                      f"Python thread {beside:.0f} ex/s ({beside / alone:.2f}x); the busy thread ran at "
+                      f"{loops / busy_alone:.2f}x its speed alone", flush=True)
         finally:
             sys.setswitchinterval(before)
     out = {"model": a.model, "codec": a.codec, "batch": a.batch, "examples": a.examples, "rows": rows}

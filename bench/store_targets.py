@@ -144,7 +144,8 @@ class TargetSources:
             return StoreReader(self.urls[kind], storage_options=self.so, cache_dir=cache)
         return StoreReader(self.urls[kind])
 
-    def loader(self, kind: str, items, plan, rank: int, pad_id: int, switch_interval_ms: float = 0.0):
+    def loader(self, kind: str, items, plan, rank: int, pad_id: int, switch_interval_ms: float = 0.0,
+               read_processes: int = 0):
         if kind == "memory":
             return MemoryTargetLoader(items, self.targets, plan, rank, pad_id)
         reader = self.reader(kind)
@@ -153,6 +154,10 @@ class TargetSources:
             for p in Path(self.urls[kind]).rglob("*"):
                 if p.is_file():
                     p.read_bytes()
+        if read_processes:                          # the reads in worker processes (train.loader_read_processes)
+            from cache_store.read_workers import ReadWorkers
+
+            reader = ReadWorkers(reader, read_processes)
         return StoreLoader(reader, aligned, rows, plan, rank, pad_id, switch_interval_ms=switch_interval_ms)
 
     def before_block(self, kind: str) -> None:

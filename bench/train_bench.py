@@ -15,6 +15,7 @@ Usage:
                                        # a variant is STAGE[@FUSED_MODE][:KEY=VALUE...] (its own config overrides)
     python bench/train_bench.py --shape 1b --variants student:train.group_by_length=8,student:train.group_by_length=8:train.loader_switch_interval_ms=0.5 --targets memory,store
                                        # the store read with Python's thread switch interval at 0.5 ms
+                                       # (...:train.loader_read_processes=2: the reads in 2 worker processes)
 
 Model: Llama-3.2 shapes with random weights (1b: 16 layers, d 2048, 32 q / 8 kv heads, MLP 8192, vocab 128256,
 tied embeddings; 3b: 28 layers, d 3072, 24 / 8 heads), paper settings: LoRA r=128, alpha 32, dropout 0.1 on
@@ -342,7 +343,8 @@ def _bench_shape(shape: str, args, dist, micro_of: dict[str, int], held: dict) -
         patched[v] = apply_fused(model, fused[v], dev, cfgs[v].train.zero_stage)
         for kind in (kinds if stage[v] == "student" else ["-"]):
             loaders[(v, kind)] = (sources.loader(kind, items, plans[v], dist.rank, special.pad,
-                                                 switch_interval_ms=cfgs[v].train.loader_switch_interval_ms)
+                                                 switch_interval_ms=cfgs[v].train.loader_switch_interval_ms,
+                                                 read_processes=cfgs[v].train.loader_read_processes)
                                   if kind != "-" else
                                   TokenLoader(items, plans[v], dist.rank, special.pad, prefetch=4))
             runs.append((v, kind))

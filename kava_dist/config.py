@@ -264,6 +264,9 @@ class TrainConfig:
     """While a store is read, Python's thread switch interval in ms (sys.setswitchinterval; restored afterwards).
     The loader's prefetch and decode threads wait up to this long for the GIL while the training thread runs
     Python; 0 keeps the interpreter's (5 ms). bench/gil_handoff_bench.py measures the effect on this machine."""
+    loader_read_processes: int = 0
+    """Read the store in this many worker processes per rank (cache_store.read_workers), so reads never wait for
+    the training process's GIL; 0 reads on threads of the training process. Each worker reopens the store."""
     grad_clip: float = 2.0
     """Gradient-norm clip."""
     skip_nonfinite_steps: bool = False
@@ -553,7 +556,8 @@ def validate(cfg: KavaConfig) -> None:
     nonneg = ["build.writers_per_actor", "build.writes_in_flight", "build.writer_threads", "build.cpus_per_writer", "loss.student_ce", "loss.teacher_ce", "loss.offline_teacher_ce", "loss.alpha_codi", "loss.alpha_kv", "train.lr",
               "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit",
               "train.stop_at_step", "train.keep_checkpoints", "train.save_every", "train.eval_every",
-              "train.group_by_length", "train.time_limit_min", "train.loader_switch_interval_ms", "eval.valid_questions",
+              "train.group_by_length", "train.time_limit_min", "train.loader_switch_interval_ms", "train.loader_read_processes",
+              "eval.valid_questions",
               "latent.cot_curriculum_steps", "store.cache_bytes"]
     for name in nonneg:
         if get_field(cfg, name) < 0:

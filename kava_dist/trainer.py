@@ -35,6 +35,7 @@ import torch
 import torch.distributed as tdist
 
 from cache_store import faults
+from cache_store.read_workers import ReadWorkers
 from kava_dist import engine as E
 from kava_dist.backbone import add_lora, load_adapter, load_backbone
 from kava_dist.config import KavaConfig, save_config
@@ -100,7 +101,8 @@ class Trainer:
             if dist.is_main:
                 log.info("store %s (fingerprint %s): %s", cfg.store.path, self.reader.fingerprint, info)
             self.plan = plan_for(tc, items, dist.world_size)
-            self.loader = StoreLoader(self.reader, items, rows, self.plan, dist.rank, self.special.pad,
+            source = ReadWorkers(self.reader, tc.loader_read_processes) if tc.loader_read_processes else self.reader
+            self.loader = StoreLoader(source, items, rows, self.plan, dist.rank, self.special.pad,
                                       switch_interval_ms=tc.loader_switch_interval_ms)
             self.example_map = ExampleMap.of([e.id for e in items], rows)
         else:

@@ -202,6 +202,15 @@ def test_killed_and_resumed_run_reproduces_the_curve(ws):
             assert y[term] == pytest.approx(x[term], rel=1e-6, abs=1e-9), (x["step"], term)
     assert sorted(p.name for p in (cut / "checkpoints").glob("global_step*")) == ["global_step2", "global_step4"]
     assert (cut / "adapter" / "adapter_config.json").exists()
+    # the same run with the store read in two worker processes and a shorter switch interval: the same curve
+    procs = ws["root"] / "procs"
+    run(args + [f"train.out_dir={procs}", "train.loader_read_processes=2", "train.loader_switch_interval_ms=0.5"],
+        ws["root"] / "procs.log")
+    c = metrics(procs)
+    assert [r["step"] for r in c] == [1, 2, 3, 4]
+    for x, y in zip(a, c):
+        for term in ("loss", "ce_student", "kv", "codi", "grad_norm"):
+            assert y[term] == pytest.approx(x[term], rel=1e-6, abs=1e-9), (x["step"], term)
 
 
 @pytest.mark.timeout(300)
