@@ -139,6 +139,9 @@ class ReadWorkers:
                                        f"reading {self.url}; see its output above. Rerun, or set "
                                        "train.loader_read_processes=0 to read in the training process.") from error
                 continue
+            if tid not in ids:                    # left over from a batch that failed: drop it
+                _free({tid: (rest[0], rest[1])} if kind == "ok" else {})
+                continue
             if kind == "err":
                 error = error or rest[0]
                 got[tid] = ("", [])
