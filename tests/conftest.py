@@ -19,14 +19,14 @@ from kava_testing import QUESTIONS, SHARED_DATA, build, make_batch, make_cfg  # 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: needs Ray / several processes / a moto server")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (run on the lent GPU machine)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run on a CUDA machine)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="no CUDA device here; run tests/gpu on the lent GPU machine")
+    skip = pytest.mark.skip(reason="no CUDA device here; run tests/gpu on a CUDA machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

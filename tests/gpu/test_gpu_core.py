@@ -1,6 +1,6 @@
 """Method core on CUDA: hooks match the HF cache in bf16, eviction agrees with CPU, Jacobi == sequential.
 
-Run on the lent GPU machine: `python -m pytest tests/gpu -q`.
+Run on a CUDA machine: `python -m pytest tests/gpu -q`.
 """
 from __future__ import annotations
 
@@ -103,3 +103,27 @@ def test_loader_pins_batches_for_non_blocking_copies(tiny_paths):
     torch.cuda.synchronize()
     assert g.k_BLHMD.dtype == torch.bfloat16 and g.valid_BLHM.dtype == torch.bool
     assert torch.equal(g.k_BLHMD.cpu(), t.k_BLHMD.to(torch.bfloat16))
+
+
+def test_read_workers_fill_page_locked_tensors(tmp_path):
+    """train.loader_read_processes with CUDA: the worker processes' rows land in page-locked tensors, equal to the
+    in-process read, and a non-blocking copy of them is exact."""
+    import numpy as np
+
+    from cache_store import FieldSpec, StoreReader, StoreSpec, StoreWriter
+    from cache_store.read_workers import ReadWorkers
+
+    spec = StoreSpec(fields=(FieldSpec("k", (2, 3, 4, 8), "bfloat16"), FieldSpec("example_id", (), "int64")),
+                     shard_size=8)
+    w = StoreWriter.create_or_open(str(tmp_path / "s"), spec, "fp", {}, num_shards=2)
+    for s in range(2):
+        w.write_shard(s, {"k": torch.randn(8, 2, 3, 4, 8).bfloat16(), "example_id": torch.arange(8) + 8 * s})
+    reader = StoreReader(w.url)
+    rows = np.array([15, 0, 7, 8, 3])
+    with ReadWorkers(reader, processes=2) as workers:
+        got = workers.get_batch(rows, pin_memory=True)
+    want = reader.get_batch(rows)
+    assert all(t.is_pinned() for t in got.values())
+    on_gpu = got["k"].to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), want["k"]) and torch.equal(got["example_id"], want["example_id"])

@@ -1,6 +1,6 @@
 """Compiled fused student passes on CUDA (kava_dist.fused, model.fused_kernels=compile) against the HF/peft modules.
 
-Run on the lent GPU machine: `python -m pytest tests/gpu -q`.
+Run on a CUDA machine: `python -m pytest tests/gpu -q`.
 """
 from __future__ import annotations
 
