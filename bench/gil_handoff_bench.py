@@ -1,12 +1,12 @@
 """Store reads on a background thread beside a training thread that runs Python: how the GIL hand-off paces them.
 
-The student's loader reads and decodes on background threads (kava_dist.loader.StoreLoader). The codecs release
+The student's loader reads and decodes on background threads (kava_dist.loader.StoreLoader). The codecs let go of
 the GIL while they decompress, but every read needs the GIL back between those calls; while the training thread
 runs Python, a waiting thread gets it only after Python's switch interval (5 ms by default). This bench times
 StoreReader.get_batch (the loader's read) of one local store, warm, on a background thread:
     alone         nothing else running;
     beside busy   the main thread runs a pure-Python loop (the worst case: a training step holds the GIL in
-                  Python for part of its time and in C++/CUDA, where torch releases it, for the rest);
+                  Python for part of its time and in C++/CUDA, where torch lets go of it, for the rest);
 for each switch interval asked, and with `--processes N` also through cache_store.read_workers.ReadWorkers (the
 reads in N worker processes, at Python's default interval); prints reads (examples/s) and the busy loop's speed
 against its speed alone. `train.loader_switch_interval_ms` and `train.loader_read_processes` set them for training.

@@ -310,7 +310,7 @@ class StoreLoader(TokenLoader):
     `items` and `rows` come from `align_store`: the plan indexes `items`, row `rows[i]` holds item i's targets.
     Each micro-batch is read in plan order straight into its output tensors (page-locked with CUDA, so no second
     copy is made to pin it), only the fields a step uses, on the prefetch thread (decompression on the reader's
-    decode threads, which release the GIL). `readahead` micro-batches beyond the prefetch queue, the reader
+    decode threads, which let go of the GIL). `readahead` micro-batches beyond the prefetch queue, the reader
     starts fetching the shard files they need (a remote store with a local cache_dir; otherwise nothing).
 
     An int8/int4 store's K/V are handed over as their quantised parts (`QuantizedTargets`): the trainer's
