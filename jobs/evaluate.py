@@ -9,8 +9,9 @@ Usage:
 
 Writes RUN/eval/{dataset}.json (summary + per-question records) and RUN/eval/summary.md; with --budgets also
 RUN/eval/budget/M{m}/{dataset}.json and RUN/eval/budget.json (drawn as a heatmap by `python -m jobs.report`);
-with --cache-probe (a teacher run) RUN/eval/cache_probe/{dataset}.json and .md: the teacher's accuracy when it
-answers from its CoT cache evicted to M entries per head (kava_dist.cache_probe).
+with --cache-probe (a teacher run) RUN/eval/cache_probe/{dataset}.{eviction}.json and .md (e.g.
+mult4x4.rkv-lam0.1-share_none.json): the teacher's accuracy when it answers from its CoT cache evicted to M entries
+per head (kava_dist.cache_probe).
 The run is `--run DIR`, or, as for every job, `--config FILE` plus `section.key=value` overrides: the run of that
 training command (its train.out_dir). Overrides are applied to the run's config.yaml on load (e.g.
 model.dtype=float32, eval.max_new_tokens=64; `--set KEY=VALUE` is the same).
