@@ -20,17 +20,14 @@ worker that dies is reported with its exit code. Workers are daemon processes: t
 from __future__ import annotations
 
 import itertools
-import logging
 import multiprocessing as mp
 import queue
 import threading
 from multiprocessing import shared_memory
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 _POLL_S = 0.5
 
@@ -80,8 +77,7 @@ class ReadWorkers:
     def __init__(self, reader, processes: int = 2):
         if processes < 1:
             raise ValueError(f"processes={processes}: use >= 1 (train.loader_read_processes), or read in-process.")
-        self.reader = reader                      # metadata (spec, url) stays available in the caller
-        self.spec, self.url = reader.spec, reader.url
+        self.spec, self.url = reader.spec, reader.url    # what StoreLoader reads of its reader besides batches
         ctx = mp.get_context("spawn")             # no fork of a process that may hold CUDA or threads
         self._tasks = [ctx.Queue() for _ in range(processes)]
         self._results = ctx.Queue()
