@@ -155,6 +155,7 @@ class ReadWorkers:
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=10)
 
     def __enter__(self) -> "ReadWorkers":
         return self
