@@ -13,9 +13,9 @@ Usage:
     python bench/train_bench.py --shape 1b,3b --global-batch 256 --micro-batch 1b=256,3b=128 --variants student
     python bench/train_bench.py --shape 1b --variants student,student:train.group_by_length=8 --pool 8 --steps 8
                                        # a variant is STAGE[@FUSED_MODE][:KEY=VALUE...] (its own config overrides)
-    python bench/train_bench.py --shape 1b --variants student:train.group_by_length=8,student:train.group_by_length=8:train.loader_switch_interval_ms=0.5 --targets memory,store
-                                       # the store read with Python's thread switch interval at 0.5 ms
-                                       # (...:train.loader_read_processes=2: the reads in 2 worker processes)
+    python bench/train_bench.py --shape 1b --variants student:train.group_by_length=8:train.loader_read_processes=0,student:train.group_by_length=8 --targets memory,store,cold,int8
+                                       # store reads on threads of the training process vs in worker processes
+                                       # (train.loader_read_processes: 4 per rank on a CUDA node by default)
 
 Model: Llama-3.2 shapes with random weights (1b: 16 layers, d 2048, 32 q / 8 kv heads, MLP 8192, vocab 128256,
 tied embeddings; 3b: 28 layers, d 3072, 24 / 8 heads), paper settings: LoRA r=128, alpha 32, dropout 0.1 on
@@ -73,7 +73,7 @@ from kava_dist import engine as E  # noqa: E402
 from kava_dist.backbone import LatentProjection, add_lora  # noqa: E402
 from kava_dist.config import load_config  # noqa: E402
 from kava_dist.fused import apply_fused  # noqa: E402
-from kava_dist.loader import TokenLoader, plan_for  # noqa: E402
+from kava_dist.loader import TokenLoader, plan_for, read_processes  # noqa: E402
 from kava_dist.prompts import Encoded, add_special_tokens, collate  # noqa: E402
 from kava_dist.step import Targets, compute_targets  # noqa: E402
 from kava_dist.teacher import teacher_forward  # noqa: E402
@@ -344,7 +344,7 @@ def _bench_shape(shape: str, args, dist, micro_of: dict[str, int], held: dict) -
         for kind in (kinds if stage[v] == "student" else ["-"]):
             loaders[(v, kind)] = (sources.loader(kind, items, plans[v], dist.rank, special.pad,
                                                  switch_interval_ms=cfgs[v].train.loader_switch_interval_ms,
-                                                 read_processes=cfgs[v].train.loader_read_processes)
+                                                 read_processes=read_processes(cfgs[v].train.loader_read_processes, dev))
                                   if kind != "-" else
                                   TokenLoader(items, plans[v], dist.rank, special.pad, prefetch=4))
             runs.append((v, kind))

@@ -247,6 +247,9 @@ class TrainConfig:
     """Optimizer steps to run (0 = derived from epochs)."""
     warmup_ratio: float = 0.03
     """Linear warmup as a fraction of the steps, then train.lr_schedule."""
+    warmup_steps: int = 0
+    """Linear warmup over this many optimizer steps; > 0 replaces warmup_ratio. Use it with train.time_limit_min,
+    where the steps a run reaches are not known in advance and a ratio of max_steps may never finish warming up."""
     lr_schedule: str = "cosine"
     """After the warmup: cosine (decay to 0 at the last step) | constant (the peak lr to the end)."""
     time_limit_min: float = 0.0
@@ -264,9 +267,11 @@ class TrainConfig:
     """While a store is read, Python's thread switch interval in ms (sys.setswitchinterval; restored afterwards).
     The loader's prefetch and decode threads wait up to this long for the GIL while the training thread runs
     Python; 0 keeps the interpreter's (5 ms). bench/gil_handoff_bench.py measures the effect on this machine."""
-    loader_read_processes: int = 0
+    loader_read_processes: int = -1
     """Read the store in this many worker processes per rank (cache_store.read_workers), so reads never wait for
-    the training process's GIL; 0 reads on threads of the training process. Each worker reopens the store."""
+    the training process's GIL; 0 reads on threads of the training process. Each worker reopens the store.
+    -1 (auto): 4 on a CUDA device when the node has at least 8 CPU cores per local rank, else 0 (on CPU the
+    training itself needs the cores)."""
     grad_clip: float = 2.0
     """Gradient-norm clip."""
     skip_nonfinite_steps: bool = False
@@ -556,7 +561,7 @@ def validate(cfg: KavaConfig) -> None:
     nonneg = ["build.writers_per_actor", "build.writes_in_flight", "build.writer_threads", "build.cpus_per_writer", "loss.student_ce", "loss.teacher_ce", "loss.offline_teacher_ce", "loss.alpha_codi", "loss.alpha_kv", "train.lr",
               "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit",
               "train.stop_at_step", "train.keep_checkpoints", "train.save_every", "train.eval_every",
-              "train.group_by_length", "train.time_limit_min", "train.loader_switch_interval_ms", "train.loader_read_processes",
+              "train.group_by_length", "train.time_limit_min", "train.loader_switch_interval_ms", "train.warmup_steps",
               "eval.valid_questions",
               "latent.cot_curriculum_steps", "store.cache_bytes"]
     for name in nonneg:
@@ -570,6 +575,9 @@ def validate(cfg: KavaConfig) -> None:
         raise ConfigError(f"eviction.lam={cfg.eviction.lam} must be in [0, 1] (0 = redundancy only, 1 = attention only).")
     if not 0.0 <= cfg.lora.dropout < 1.0 or not 0.0 <= cfg.latent.projection_dropout < 1.0:
         raise ConfigError("lora.dropout and latent.projection_dropout must be in [0, 1).")
+    if cfg.train.loader_read_processes < -1:
+        raise ConfigError(f"train.loader_read_processes={cfg.train.loader_read_processes}: use -1 (auto), 0 (threads "
+                          "of the training process) or N >= 1 worker processes per rank.")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio={cfg.train.warmup_ratio} must be in [0, 1).")
     if cfg.train.global_batch % cfg.train.micro_batch:

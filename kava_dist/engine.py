@@ -20,7 +20,7 @@ on the outputs) must run; calling the wrapped model's submodules directly silent
 
 Global batch = micro x accumulation x world size: accumulation is derived from `train.global_batch`, checked
 here and against the engine. The optimizer is a torch AdamW handed to DeepSpeed (no fused_adam / cpu_adam JIT
-build). Schedule: linear warmup over `warmup_ratio` of the steps, then cosine to 0. `train.deepspeed_config`
+build). Schedule: linear warmup over `warmup_steps` (or `warmup_ratio` of the steps), then cosine to 0. `train.deepspeed_config`
 names a JSON overlay (configs/deepspeed/*.json) deep-merged over the generated config; it may not set what the
 kava config owns (batch sizes, optimizer, scheduler, precision, ZeRO stage): the error names the field to use.
 
@@ -113,7 +113,7 @@ def accumulation(tc: TrainConfig, world_size: int) -> int:
 OWNED = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
          "gradient_accumulation_steps": "train.global_batch (accumulation is derived from it)",
          "gradient_clipping": "train.grad_clip", "optimizer": "train.lr / train.weight_decay (a torch AdamW is used)",
-         "scheduler": "train.warmup_ratio (cosine with warmup is built here)", "bf16": "train.precision",
+         "scheduler": "train.warmup_steps / train.warmup_ratio (cosine with warmup is built here)", "bf16": "train.precision",
          "fp16": "train.precision (fp16 is not supported; use bf16)"}
 
 
@@ -172,11 +172,17 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: torch.device, loa
     return cfg
 
 
-def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float, schedule: str = "cosine"):
-    """LR factor for optimizer step k (0-based): (k+1)/W for k < W = round(warmup_ratio * total), then
+def warmup_steps(total_steps: int, warmup_ratio: float, steps: int = 0) -> int:
+    """The warm-up's optimizer steps: `steps` (train.warmup_steps) when > 0, else round(warmup_ratio * total)."""
+    return steps if steps > 0 else int(round(warmup_ratio * total_steps))
+
+
+def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float, schedule: str = "cosine",
+                       warmup: int = 0):
+    """LR factor for optimizer step k (0-based): (k+1)/W for k < W (`warmup_steps`), then
     0.5 * (1 + cos(pi * (k - W) / (total - W))): peak at k = W, 0 after the last step. `schedule="constant"`
     holds the peak after the warmup (runs cut by train.time_limit_min, or compared at any point of the curve)."""
-    warm = int(round(warmup_ratio * total_steps))
+    warm = warmup_steps(total_steps, warmup_ratio, warmup)
 
     def factor(step: int) -> float:
         if warm and step < warm:
@@ -261,7 +267,7 @@ def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist, load_univ
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
-    sched = cosine_with_warmup(opt, total_steps, tc.warmup_ratio, tc.lr_schedule)
+    sched = cosine_with_warmup(opt, total_steps, tc.warmup_ratio, tc.lr_schedule, tc.warmup_steps)
     ds_cfg = deepspeed_config(tc, dist.world_size, dist.device, load_universal)
     if tc.zero_stage == 3:
         _register_zero3_external(model)

@@ -30,6 +30,7 @@ beyond the rank layout, and an epoch still takes every kept example once.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -302,6 +303,22 @@ class QuantizedTargets:
         """A copy in page-locked host memory (parts already pinned are kept as they are)."""
         return QuantizedTargets({p: t if t.is_pinned() else t.pin_memory() for p, t in self.parts.items()},
                                 self.fields, self.dtype)
+
+
+def read_processes(setting: int, device: torch.device | str, cpus: int | None = None,
+                   local_ranks: int | None = None) -> int:
+    """The store-read worker processes per rank for train.loader_read_processes: N >= 0 as given; -1 (auto) gives
+    4 on a CUDA device when the node has at least 8 CPU cores per local rank, else 0. On one H200 the 1B student
+    trains from a warm store at 0.989x its in-memory rate with 4 workers and 0.961x with threads
+    (docs/PERFORMANCE.md); on CPU the training itself needs the cores."""
+    if setting >= 0:
+        return setting
+    if torch.device(device).type != "cuda":
+        return 0
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    if local_ranks is None:   # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return 4 if cpus >= 8 * max(1, local_ranks) else 0
 
 
 class StoreLoader(TokenLoader):

@@ -42,7 +42,7 @@ from kava_dist.config import KavaConfig, save_config
 from kava_dist.example_map import ExampleMap
 from kava_dist.guard import Refusal
 from kava_dist.fused import apply_fused
-from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for
+from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for, read_processes
 from kava_dist.prompts import check_data_file, collate, encode_examples, load_examples, load_training_set
 from kava_dist.run import RunDir
 from kava_dist.student import cot_removed_at
@@ -101,7 +101,12 @@ class Trainer:
             if dist.is_main:
                 log.info("store %s (fingerprint %s): %s", cfg.store.path, self.reader.fingerprint, info)
             self.plan = plan_for(tc, items, dist.world_size)
-            source = ReadWorkers(self.reader, tc.loader_read_processes) if tc.loader_read_processes else self.reader
+            procs = read_processes(tc.loader_read_processes, dist.device)
+            source = ReadWorkers(self.reader, procs) if procs else self.reader
+            if dist.is_main:
+                log.info("store reads: %s (train.loader_read_processes=%d)",
+                         f"{procs} worker processes per rank" if procs else "threads of the training process",
+                         tc.loader_read_processes)
             self.loader = StoreLoader(source, items, rows, self.plan, dist.rank, self.special.pad,
                                       switch_interval_ms=tc.loader_switch_interval_ms)
             self.example_map = ExampleMap.of([e.id for e in items], rows)
@@ -321,6 +326,11 @@ class Trainer:
                 if self.dist.is_main:
                     log.info("train.time_limit_min=%g reached at step %d of %d (%d examples seen): finishing the run "
                              "here", tc.time_limit_min, done, self.total_steps, done * tc.global_batch)
+                    warm = E.warmup_steps(self.total_steps, tc.warmup_ratio, tc.warmup_steps)
+                    if done < warm:
+                        log.warning("the run stopped inside its %d-step warm-up: the lr reached %.3g of train.lr=%g. "
+                                    "Set train.warmup_steps to fewer steps than the time limit allows (or lower "
+                                    "train.max_steps, from which train.warmup_ratio counts).", warm, lr, tc.lr)
                 break
         bar.close()
         if final < self.total_steps:   # ended by train.time_limit_min: a finished run at step `final`

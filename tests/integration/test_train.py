@@ -275,7 +275,7 @@ def test_full_finetune_through_every_stage_with_curves_and_time_limit(ws):
     assert (teacher / "adapter" / "config.json").exists() and not (teacher / "adapter" / "adapter_config.json").exists()
     init = f"model.student_init_adapter={teacher / 'adapter'}"
     for stage, extra in (("student", [f"store.path={ws['store']}", "train.time_limit_min=1e-6", "train.max_steps=50",
-                                      "train.final_checkpoint=false"]),
+                                      "train.final_checkpoint=false", "train.warmup_steps=5"]),
                          ("online", ["train.max_steps=2", "latent.cot_curriculum_steps=2"]),
                          ("nocot", ["train.max_steps=2"])):
         out = ws["root"] / f"full_{stage}"
@@ -291,6 +291,7 @@ def test_full_finetune_through_every_stage_with_curves_and_time_limit(ws):
             assert [r["cot_removed"] for r in m] == [0, m[1]["cot_removed"]] and 0 < m[1]["cot_removed"] < 8 * n
         if stage == "student":   # the time limit ended it at the first step, as a finished run
             assert "train.time_limit_min=1e-06 reached at step 1 of 50" in text
+            assert "stopped inside its 5-step warm-up" in text and "Set train.warmup_steps" in text
             assert meta["step"] == 1 and meta["examples_seen"] == 8 and meta["planned_steps"] == 50
             assert not (out / "checkpoints").exists()          # train.final_checkpoint=false
         else:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kava_dist import engine as E
-from kava_dist.config import load_config, save_config
+from kava_dist.config import ConfigError, load_config, save_config
 from kava_dist.loader import GlobalBatchPlan, StoreLoader, TokenLoader, align_store, padded_length, plan_for
 from kava_dist.targets import READ_FIELDS
 from kava_dist.prompts import Encoded
@@ -330,6 +330,51 @@ def test_cosine_with_warmup_values():
     assert lrs(4, 0.0) == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
 
 
+@pytest.fixture(scope="module")
+def world_of_one():
+    """One DeepSpeed/torch.distributed world for this module's engine tests (DeepSpeed keeps its groups across a
+    re-init, so the world is made once); the rendezvous variables are undone after (subprocess tests inherit them)."""
+    import torch.distributed as tdist
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(E._free_port())).items():
+            mp.setenv(k, v)
+        yield E.init_distributed()
+        tdist.destroy_process_group()
+
+
+def test_warmup_steps_replace_the_ratio_in_the_built_engine(world_of_one):
+    """train.warmup_steps counts the warm-up in optimizer steps, whatever max_steps is: a run cut by
+    train.time_limit_min long before max_steps still reaches its peak lr. Built through E.build_engine, as a run is."""
+    from kava_dist.config import TrainConfig
+
+    assert E.warmup_steps(6000, 0.1) == 600 and E.warmup_steps(6000, 0.1, 100) == 100
+    tc = TrainConfig(global_batch=2, micro_batch=2, zero_stage=2, precision="fp32", lr=1.0, warmup_ratio=0.1,
+                     warmup_steps=4, lr_schedule="constant")
+    engine = E.build_engine(torch.nn.Linear(4, 3), tc, total_steps=6000, dist=world_of_one)
+    got = []
+    for _ in range(6):
+        got.append(engine.get_lr()[0])
+        engine.lr_scheduler.step()
+    assert got == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])     # a ratio of 6000 steps would be 600
+
+
+def test_read_processes_auto_uses_workers_on_a_cuda_node_only():
+    """train.loader_read_processes=-1 (the default): 4 store-read worker processes per rank on a CUDA device with
+    >= 8 CPU cores per local rank, threads (0) on CPU or on a node short of cores; N >= 0 is used as given."""
+    from kava_dist.loader import read_processes
+
+    assert load_config(None, []).train.loader_read_processes == -1
+    assert read_processes(-1, "cuda", cpus=16, local_ranks=1) == 4
+    assert read_processes(-1, "cuda", cpus=16, local_ranks=4) == 0
+    assert read_processes(-1, "cuda:1", cpus=128, local_ranks=8) == 4
+    assert read_processes(-1, "cpu", cpus=128, local_ranks=1) == 0
+    assert read_processes(0, "cuda", cpus=128) == 0 and read_processes(2, "cpu") == 2
+    with pytest.raises(ConfigError, match="-1 \\(auto\\)"):
+        load_config(None, ["train.loader_read_processes=-2"])
+
+
 def test_deepspeed_config_derives_accumulation_and_precision(tmp_path):
     tc = load_config(None, ["train.global_batch=32", "train.micro_batch=4", "train.zero_stage=3",
                             "train.grad_clip=1.5"]).train
@@ -442,18 +487,12 @@ def test_sweep_grid_parsing():
         parse_grid(["loss.alpha_kv"])
 
 
-def test_zero2_clip_runs_on_device_with_deepspeeds_arithmetic(monkeypatch):
+def test_zero2_clip_runs_on_device_with_deepspeeds_arithmetic(world_of_one):
     """engine._clip_on_device replaces DeepSpeed's ZeRO-1/2 unscale_and_clip_grads (which syncs the host on
     `bool(norm)`) with the same arithmetic on the device: compared with DeepSpeed's own method on the same grads."""
-    import torch.distributed as tdist
-
     from kava_dist.config import TrainConfig
 
-    # a world of one whose rendezvous variables are undone after the test (subprocess tests inherit os.environ)
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(E._free_port())).items():
-        monkeypatch.setenv(k, v)
-    dist = E.init_distributed()
+    dist = world_of_one
     model = torch.nn.Linear(4, 3)
     tc = TrainConfig(global_batch=2, micro_batch=2, zero_stage=2, precision="fp32", grad_clip=1.5)
     engine = E.build_engine(model, tc, total_steps=4, dist=dist)
@@ -467,7 +506,6 @@ def test_zero2_clip_runs_on_device_with_deepspeeds_arithmetic(monkeypatch):
         opt.unscale_and_clip_grads([b], torch.tensor(norm))
         torch.testing.assert_close(b, a, equal_nan=True)
     assert torch.allclose(b, torch.zeros_like(b)) and not torch.allclose(g, torch.zeros_like(g))  # invalid -> 0
-    tdist.destroy_process_group()
 
 
 def test_prefetcher_keeps_order_surfaces_errors_and_stops_when_closed():
