@@ -12,7 +12,8 @@ decode, copy); while the training thread runs Python, each wait lasts up to Pyth
 (bench/gil_handoff_bench.py). Here a batch's rows are split over the worker processes; each reads its part with
 its own StoreReader (the reader is pickled: it reopens the store on the other side) into a shared-memory block,
 and the caller copies the blocks into its output tensors (page-locked with `pin_memory`) and frees them. The
-caller's process takes its GIL a few times per batch, not per example.
+caller's process takes its GIL a few times per batch, not per example. `readahead` (a remote store's whole shard
+files into its cache_dir, ahead of use) runs in the caller's process, on the reader it was given.
 
 Errors in a worker come back as the same exception type where it pickles (else a RuntimeError with its text); a
 worker that dies is reported with its exit code. Workers are daemon processes: they end with the caller.
@@ -78,6 +79,7 @@ class ReadWorkers:
         if processes < 1:
             raise ValueError(f"processes={processes}: use >= 1 (train.loader_read_processes), or read in-process.")
         self.spec, self.url = reader.spec, reader.url    # what StoreLoader reads of its reader besides batches
+        self._reader = reader                     # readahead runs here; batches are read in the workers
         ctx = mp.get_context("spawn")             # no fork of a process that may hold CUDA or threads
         self._tasks = [ctx.Queue() for _ in range(processes)]
         self._results = ctx.Queue()
@@ -88,7 +90,10 @@ class ReadWorkers:
         self._ids = itertools.count()
         self._lock = threading.Lock()             # one batch in flight at a time (the loader's prefetch thread)
 
-    readahead = None                              # StoreLoader asks for it; whole-shard readahead is in-process only
+    def readahead(self, indices: Sequence[int] | np.ndarray, fields: Sequence[str] | None = None) -> None:
+        """StoreReader.readahead in this process: a remote store's shard files are fetched into its cache_dir,
+        where the workers' readers find them (the cache is shared on the node); a no-op for a local store."""
+        self._reader.readahead(indices, fields)
 
     def get_batch(self, indices: Sequence[int] | np.ndarray, dequantize: bool = True,
                   fields: Sequence[str] | None = None, pin_memory: bool = False) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -118,10 +119,10 @@ def _target_store(url: str, so: dict, shards: int = 4, rows: int = 8,
     return ids
 
 
-def _epoch_requests(s3, ids: list[int], open_reader, make_plan) -> tuple[int, int, dict]:
+def _epoch_requests(s3, ids: list[int], open_reader, make_plan, source=None) -> tuple[int, int, dict]:
     """Reset the server's counts, open the store (open_reader()), scan its example ids and read one epoch of 128
-    examples through StoreLoader (plan = make_plan(aligned)) -> (examples read, requests, counts). Every example
-    is read once."""
+    examples through StoreLoader (plan = make_plan(aligned); it reads from source(reader) when given, as the
+    trainer wraps its reader in ReadWorkers) -> (examples read, requests, counts). Every example is read once."""
     from kava_dist.loader import StoreLoader, align_store
     from kava_dist.prompts import Encoded
 
@@ -130,7 +131,7 @@ def _epoch_requests(s3, ids: list[int], open_reader, make_plan) -> tuple[int, in
     reader = open_reader()
     aligned, rows, _ = align_store(reader, items)
     plan = make_plan(aligned)
-    loader = StoreLoader(reader, aligned, rows, plan, 0, pad_id=0)
+    loader = StoreLoader(source(reader) if source else reader, aligned, rows, plan, 0, pad_id=0)
     seen = [b.ids.tolist() for _, _, b, _ in loader.iterate(0, plan.steps_per_epoch)]
     counts = s3.counts()
     n = sum(map(len, seen))
@@ -156,6 +157,52 @@ def test_s3_training_epoch_requests_per_example(tmp_path, cache: bool, most: flo
                                               lambda aligned: GlobalBatchPlan(len(aligned), 8, 4, 1, seed=0))
     print(f"cache={cache}: {requests} requests ({counts}) for {n} examples")
     assert requests <= most * n, counts
+
+
+@pytest.mark.integration
+def test_read_workers_keep_the_one_request_per_example_of_cache_dir(tmp_path) -> None:
+    """The GPU default reads the store in worker processes (cache_store.read_workers): with a local cache_dir the
+    epoch above still costs at most 1 S3 request per example, and ReadWorkers.readahead fetches whole shard files
+    into cache_dir ahead of use, as the in-process reader does, so the workers' reads find them there."""
+    from bench.moto_counting import CountingMoto
+    from cache_store.read_workers import ReadWorkers
+    from kava_dist.loader import GlobalBatchPlan
+
+    with CountingMoto(log_path=str(tmp_path / "moto.log")) as s3:
+        url, so = s3.bucket_url(), s3.storage_options
+        ids = _target_store(url, so, shards=4, rows=32, dims=(4, 4, 256, 64))   # K/V files > 1 MiB
+        opts = {"cache_dir": str(tmp_path / "cache")}
+        workers = []
+
+        def in_workers(reader):
+            workers.append(ReadWorkers(reader, processes=2))
+            return workers[-1]
+
+        try:
+            n, requests, counts = _epoch_requests(s3, ids, lambda: StoreReader(url, storage_options=so, **opts),
+                                                  lambda aligned: GlobalBatchPlan(len(aligned), 8, 4, 1, seed=0),
+                                                  source=in_workers)
+        finally:
+            for w in workers:
+                w.close()
+    print(f"read workers, cache_dir: {requests} requests ({counts}) for {n} examples")
+    assert requests <= n, counts
+    assert any((tmp_path / "cache").rglob("*")), "no shard file was cached in cache_dir"
+
+    with CountingMoto(log_path=str(tmp_path / "moto2.log")) as s3:   # readahead alone, before any read
+        url, so = s3.bucket_url(), s3.storage_options
+        _target_store(url, so, shards=4, rows=32, dims=(4, 4, 256, 64))
+        cache = tmp_path / "cache2"
+        with ReadWorkers(StoreReader(url, storage_options=so, cache_dir=str(cache)), processes=2) as w:
+            w.readahead(np.arange(128), fields=["k", "v"])
+            deadline = time.monotonic() + 30
+            while len([f for f in cache.rglob("*") if f.is_file() and not f.name.startswith(".")]) < 8:
+                assert time.monotonic() < deadline, "readahead did not fetch the 4 shards' k and v files"
+                time.sleep(0.05)
+            w.get_batch(np.arange(2), fields=["example_id"])     # each worker opens the store (metadata reads)
+            s3.reset()
+            w.get_batch(np.arange(128), fields=["k", "v"])
+            assert s3.counts()["requests"] == {}, s3.counts()      # every k and v byte came from cache_dir
 
 
 @pytest.mark.integration
