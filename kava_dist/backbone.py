@@ -28,15 +28,20 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 class LatentProjection(nn.Module):
-    """Hidden state -> next latent input: [Dropout] -> Linear -> GELU -> Linear -> LayerNorm (PCCoT `prj`)."""
+    """Hidden state -> next latent input: [Dropout] -> Linear -> GELU -> Linear -> LayerNorm (PCCoT `prj`).
+    `gate` (latent.soft_tokens): the output is scaled by a trained scalar that starts at 0, and the student adds it to
+    the soft token (kava_dist.student.latent_inputs)."""
 
-    def __init__(self, d_model: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, dropout: float = 0.0, gate: bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_model, d_model), nn.GELU(),
                                  nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
+        if gate:
+            self.gate = nn.Parameter(torch.zeros(1))     # 1-D: DeepSpeed broadcasts parameters as byte views
 
     def forward(self, h_BMd: torch.Tensor) -> torch.Tensor:
-        return self.net(h_BMd)
+        out_BMd = self.net(h_BMd)
+        return out_BMd * self.gate if hasattr(self, "gate") else out_BMd
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -98,7 +103,7 @@ def load_backbone(mcfg: ModelConfig, latent: LatentConfig | None = None, device:
                          "(their attention has no q/k norm, which the teacher hooks rely on).")
     add_token_rows(model, len(tokenizer))
     model.config.pad_token_id = special.pad
-    model.kava_prj = LatentProjection(model.config.hidden_size, latent.projection_dropout) if (
+    model.kava_prj = LatentProjection(model.config.hidden_size, latent.projection_dropout, latent.soft_tokens) if (
         latent is not None and latent.use_projection) else nn.Identity()
     model.kava_prj.to(device=device, dtype=dtype)
     model.to(device)

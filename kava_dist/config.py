@@ -82,6 +82,10 @@ class LatentConfig:
     """Dropout in front of the projection MLP (CODI uses one; PCCoT does not)."""
     fix_masks: bool = True
     """Pass correct attention masks and position ids in the Jacobi passes (PCCoT omits them; deviation D2)."""
+    soft_tokens: bool = False
+    """Latent input = the expected next-token embedding softmax(lm_head(h)) @ E plus gate * prj(h), the gate a
+    trained scalar starting at 0 (DEVIATIONS.md D28; off = the paper's prj(h)). A student from CoT-trained weights
+    then starts by Jacobi-decoding its chain as soft tokens, whose K/V the teacher's are. Needs use_projection."""
     cot_curriculum_steps: int = 0
     """A CoT curriculum (DEVIATIONS.md D26; 0 = off, the paper): during the first N optimizer steps the student
     also writes the teacher's CoT between <eot> and the answer prompt, minus its first r tokens, r growing
@@ -575,6 +579,8 @@ def validate(cfg: KavaConfig) -> None:
         raise ConfigError(f"eviction.lam={cfg.eviction.lam} must be in [0, 1] (0 = redundancy only, 1 = attention only).")
     if not 0.0 <= cfg.lora.dropout < 1.0 or not 0.0 <= cfg.latent.projection_dropout < 1.0:
         raise ConfigError("lora.dropout and latent.projection_dropout must be in [0, 1).")
+    if cfg.latent.soft_tokens and not cfg.latent.use_projection:
+        raise ConfigError("latent.soft_tokens=true needs latent.use_projection=true (its gate lives in the projection).")
     if cfg.train.loader_read_processes < -1:
         raise ConfigError(f"train.loader_read_processes={cfg.train.loader_read_processes}: use -1 (auto), 0 (threads "
                           "of the training process) or N >= 1 worker processes per rank.")

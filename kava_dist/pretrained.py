@@ -82,17 +82,18 @@ def kava_base(base, adapter_dir: str | Path):
         if PRJ not in (acfg.get("modules_to_save") or ()):
             return base
         shapes = {k: v for k, v in _tensor_shapes(adapter_dir, "adapter_model.safetensors").items() if f".{PRJ}." in k}
-        bad = {k: v for k, v in shapes.items() if v[-1] != d}
+        bad = {k: v for k, v in shapes.items() if not k.endswith(".gate") and v[-1] != d}
         if bad or not shapes:
             raise ValueError(f"{adapter_dir}: the saved {PRJ} ({sorted(shapes.items())[:2]}) does not fit this base "
                              f"(hidden size {d}). Load the base the adapter was trained on "
                              f"({acfg.get('base_model_name_or_path')!r}).")
-        if not hasattr(base, PRJ):
-            base.kava_prj = LatentProjection(d).to(device=param.device, dtype=param.dtype)
+        if not hasattr(base, PRJ):   # with its gate when the student was trained with latent.soft_tokens
+            gate = any(k.endswith(".gate") for k in shapes)
+            base.kava_prj = LatentProjection(d, gate=gate).to(device=param.device, dtype=param.dtype)
         return base
     state = _projection_weights(adapter_dir)
     if state:
-        prj = LatentProjection(d).to(device=param.device, dtype=param.dtype)
+        prj = LatentProjection(d, gate="gate" in state).to(device=param.device, dtype=param.dtype)
         prj.load_state_dict(state, strict=True)         # a shape or key mismatch raises here, never silently
         base.kava_prj = prj.requires_grad_(False)
     return base

@@ -12,6 +12,7 @@ Sequence (PCCoT's, which the paper uses):
     [BOS question (left-padded) | <bot> | <latent> x M | <eot> | prompt answer EOS].
 1. prefix pass over question + <bot> + M placeholders; z0 = prj(h[<bot> .. latent_{M-2}]) (the AR shift);
 2. T Jacobi passes, each from the same question cache: z_t = [z_{t-1}[:, :1], prj(h_t[:, :-1])];
+   (with `latent.soft_tokens`, prj(h) becomes softmax(lm_head(h)) @ E + gate * prj(h): `latent_inputs`, D28)
 3. answer pass over <eot> + answer on top of the T-th pass's cache (with `latent.cot_curriculum_steps`, the CoT
    minus its first r tokens sits between <eot> and the prompt while the curriculum lasts: `cot_removed`).
 With `latent.fix_masks` (default) the latent passes get the real attention mask and pad-free position ids;
@@ -54,6 +55,24 @@ def _embed(lm, ids):
     return lm.get_input_embeddings()(ids)
 
 
+def _embedding_matrix(lm) -> torch.Tensor:
+    """[V, d] input embeddings as the model reads them (peft's trainable-token rows included)."""
+    emb = lm.get_input_embeddings()
+    ids = torch.arange(emb.num_embeddings if hasattr(emb, "num_embeddings") else emb.weight.shape[0],
+                       device=next(lm.parameters()).device)
+    return emb(ids) if not isinstance(emb, torch.nn.Embedding) else emb.weight
+
+
+def latent_inputs(lm, prj, h_BMd: torch.Tensor, latent: LatentConfig) -> torch.Tensor:
+    """Next latent inputs from final-norm hidden states: prj(h) (PCCoT); with `latent.soft_tokens` the expected
+    next-token embedding softmax(lm_head(h)) @ E plus prj(h), whose gate starts at 0 (DEVIATIONS.md D28)."""
+    z_BMd = prj(h_BMd)
+    if not latent.soft_tokens:
+        return z_BMd
+    p_BMV = torch.softmax(lm.get_output_embeddings()(h_BMd).float(), dim=-1).to(h_BMd.dtype)
+    return p_BMV @ _embedding_matrix(lm) + z_BMd
+
+
 def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentConfig, pre_rope: bool = False):
     """Steps 1-2. Returns (prefix info, output of the T-th pass (its kv = question + latents), its latent inputs)."""
     lm, _, prj = parts(model)
@@ -68,7 +87,7 @@ def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentC
     pos = positions_from_mask(mask)
     out0 = passes.run(_embed(lm, ids), mask, pos)
     h_BMd = out0.last_BSd[:, Q:Q + M]            # <bot>, latent_0 .. latent_{M-2}
-    z_BMd = prj(h_BMd)
+    z_BMd = latent_inputs(lm, prj, h_BMd, latent)
     q_cache = [(k[:, :, :Q + 1], v[:, :, :Q + 1]) for k, v in out0.kv]
     if latent.fix_masks:
         lat_mask, lat_pos = mask, pos[:, Q + 1:]
@@ -80,7 +99,7 @@ def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentC
         last = t == T - 1
         out = passes.run(z_BMd, lat_mask, lat_pos, q_cache, pre_rope=last and pre_rope)
         if not last:
-            p_BMd = prj(out.last_BSd)
+            p_BMd = latent_inputs(lm, prj, out.last_BSd, latent)
             z_BMd = torch.cat([z_BMd[:, :1], p_BMd[:, :-1]], dim=1)
     prefix = _Prefix(lat_mask=mask, qlen=batch.q_mask.sum(1))
     return prefix, out, z_BMd

@@ -275,7 +275,8 @@ def test_full_finetune_through_every_stage_with_curves_and_time_limit(ws):
     assert (teacher / "adapter" / "config.json").exists() and not (teacher / "adapter" / "adapter_config.json").exists()
     init = f"model.student_init_adapter={teacher / 'adapter'}"
     for stage, extra in (("student", [f"store.path={ws['store']}", "train.time_limit_min=1e-6", "train.max_steps=50",
-                                      "train.final_checkpoint=false", "train.warmup_steps=5"]),
+                                      "train.final_checkpoint=false", "train.warmup_steps=5",
+                                      "latent.soft_tokens=true"]),
                          ("online", ["train.max_steps=2", "latent.cot_curriculum_steps=2"]),
                          ("nocot", ["train.max_steps=2"])):
         out = ws["root"] / f"full_{stage}"
@@ -305,4 +306,6 @@ def test_full_finetune_through_every_stage_with_curves_and_time_limit(ws):
             saved.update(load_file(str(f)))
         prj = [k for k in saved if k.startswith("kava_prj")]
         assert prj and all(torch.equal(saved[k], trained[k].detach()) for k in prj)
+        if stage == "student":   # latent.soft_tokens: the projection's gate (0 at the start) trained and kept
+            assert cfg.latent.soft_tokens and float(saved["kava_prj.gate"].abs()) > 0
         assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])

@@ -21,14 +21,14 @@ def readme_snippet() -> str:
     return found[0]
 
 
-def export_run(tiny_paths, run: Path, lora: bool = True):
+def export_run(tiny_paths, run: Path, lora: bool = True, **over):
     """A run directory whose every trained tensor differs from its initial value (LoRA B, kava_prj, token rows)."""
     from kava_dist.backbone import add_lora, load_backbone
     from kava_dist.config import to_dict
     from kava_dist.run import export_adapter
     from kava_testing import make_cfg
 
-    cfg = make_cfg(tiny_paths["llama"], **{"train.stage": "student", "lora.enabled": str(lora).lower()})
+    cfg = make_cfg(tiny_paths["llama"], **{"train.stage": "student", "lora.enabled": str(lora).lower(), **over})
     torch.manual_seed(0)
     model, tok, special = load_backbone(cfg.model, latent=cfg.latent)
     model = add_lora(model, special, cfg.lora, cfg.latent)
@@ -122,6 +122,34 @@ def test_full_finetune_export_and_load_run(tiny_paths, tmp_path):
     _, merged, _, _ = load_run(tmp_path / "lora")
     torch.testing.assert_close(latents(merged, tok, special, cfg), latents(model, tok, special, cfg),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_soft_token_students_reload_with_their_trained_gate(tiny_paths, tmp_path):
+    """latent.soft_tokens adds a scalar gate to kava_prj: both export kinds give back the same student through
+    load_run, and kava_base rebuilds the projection with its gate (whole checkpoint: loaded strictly)."""
+    from transformers import AutoModelForCausalLM
+
+    from kava_dist.pretrained import kava_base
+    from kava_dist.run import load_run
+
+    soft = {"latent.soft_tokens": "true"}
+    cfg, model, tok, special = export_run(tiny_paths, tmp_path / "full", lora=False, **soft)
+    gate = float(model.kava_prj.gate.detach())
+    assert gate != 0.0
+    adapter = tmp_path / "full/adapter"
+    student = kava_base(AutoModelForCausalLM.from_pretrained(str(adapter)), adapter)
+    assert float(student.kava_prj.gate) == gate
+    want = latents(model, tok, special, cfg)
+    torch.testing.assert_close(latents(student, tok, special, cfg), want)
+    _, reloaded, _, _ = load_run(tmp_path / "full")
+    torch.testing.assert_close(latents(reloaded, tok, special, cfg), want)
+
+    cfg, model, tok, special = export_run(tiny_paths, tmp_path / "lora", **soft)
+    _, merged, _, _ = load_run(tmp_path / "lora")
+    torch.testing.assert_close(latents(merged, tok, special, cfg), latents(model, tok, special, cfg),
+                               atol=1e-4, rtol=1e-4)
+    base = kava_base(AutoModelForCausalLM.from_pretrained(str(tiny_paths["llama"])), tmp_path / "lora/adapter")
+    assert hasattr(base.kava_prj, "gate")
 
 
 def test_kava_base_refuses_a_base_of_another_width(tiny_paths, tmp_path):

@@ -233,3 +233,42 @@ def test_cot_curriculum_tail_is_padding_independent_and_vanishes(tiny_paths, fam
     assert not torch.equal(out.ce, plain.ce)
     assert [cot_removed_at(s, 4, 10) for s in range(6)] == [0, 2, 5, 7, None, None]
     assert cot_removed_at(3, 0, 10) is None
+
+
+def test_soft_tokens_start_as_the_models_own_rollout_of_expected_embeddings(tiny_paths, family):
+    """latent.soft_tokens (D28): with the projection's gate at its initial 0, each latent input is the expected
+    embedding softmax(logits) @ E of the model's prediction at the slot before, so with T >= M the Jacobi passes
+    equal a sequential rollout that feeds the model its own soft tokens (computed here by plain HF forwards over the
+    whole sequence, LoRA-wrapped embeddings and full fine-tuning alike). A nonzero gate adds prj(h)."""
+    M = 4
+    for lora in (True, False):
+        cfg, model, tok, special = build(tiny_paths, family, lora=lora, **{
+            "latent.num_latents": M, "latent.num_iterations": M, "latent.soft_tokens": True})
+        model.eval()
+        batch, enc = make_batch(tok, special)
+        lm = parts(model)[0]
+        emb = lm.get_input_embeddings()
+        E_Vd = emb(torch.arange(lm.get_output_embeddings().weight.shape[0]))
+        with torch.no_grad():
+            out = student_forward(model, batch, special, cfg.latent)
+            for i in (0, 2, 5):
+                x = emb(torch.tensor([enc[i].question_ids + [special.bot]]))
+                for j in range(M):
+                    p_V = torch.softmax(lm(inputs_embeds=x).logits[0, -1], dim=-1)
+                    z_d = p_V @ E_Vd
+                    torch.testing.assert_close(out.latents_BMd[i, j], z_d, atol=2e-5, rtol=1e-4)
+                    x = torch.cat([x, z_d[None, None]], dim=1)
+            for n, p in model.named_parameters():
+                if n.endswith("gate"):
+                    p.fill_(0.5)
+            gated = student_forward(model, batch, special, cfg.latent).latents_BMd
+        assert not torch.allclose(gated, out.latents_BMd, atol=1e-3)
+
+
+def test_soft_tokens_need_the_projection():
+    import pytest
+
+    from kava_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="latent.use_projection=true"):
+        load_config(None, ["latent.soft_tokens=true", "latent.use_projection=false"])
