@@ -58,19 +58,22 @@ def _embed(lm, ids):
 def _embedding_matrix(lm) -> torch.Tensor:
     """[V, d] input embeddings as the model reads them (peft's trainable-token rows included)."""
     emb = lm.get_input_embeddings()
-    ids = torch.arange(emb.num_embeddings if hasattr(emb, "num_embeddings") else emb.weight.shape[0],
-                       device=next(lm.parameters()).device)
-    return emb(ids) if not isinstance(emb, torch.nn.Embedding) else emb.weight
+    if isinstance(emb, torch.nn.Embedding):
+        return emb.weight
+    head = lm.get_output_embeddings().weight
+    return emb(torch.arange(head.shape[0], device=head.device))
 
 
-def latent_inputs(lm, prj, h_BMd: torch.Tensor, latent: LatentConfig) -> torch.Tensor:
-    """Next latent inputs from final-norm hidden states: prj(h) (PCCoT); with `latent.soft_tokens` the expected
-    next-token embedding softmax(lm_head(h)) @ E plus prj(h), whose gate starts at 0 (DEVIATIONS.md D28)."""
+def latent_inputs(prj, h_BMd: torch.Tensor, lm=None,
+                  E_Vd: torch.Tensor | None = None) -> torch.Tensor:
+    """Next latent inputs from final-norm hidden states: prj(h) (PCCoT); given the input embeddings E_Vd
+    (`latent.soft_tokens`), the expected next-token embedding softmax(lm_head(h)) @ E plus prj(h), whose gate starts
+    at 0 (DEVIATIONS.md D28)."""
     z_BMd = prj(h_BMd)
-    if not latent.soft_tokens:
+    if E_Vd is None:
         return z_BMd
     p_BMV = torch.softmax(lm.get_output_embeddings()(h_BMd).float(), dim=-1).to(h_BMd.dtype)
-    return p_BMV @ _embedding_matrix(lm) + z_BMd
+    return p_BMV @ E_Vd + z_BMd
 
 
 def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentConfig, pre_rope: bool = False):
@@ -87,7 +90,8 @@ def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentC
     pos = positions_from_mask(mask)
     out0 = passes.run(_embed(lm, ids), mask, pos)
     h_BMd = out0.last_BSd[:, Q:Q + M]            # <bot>, latent_0 .. latent_{M-2}
-    z_BMd = latent_inputs(lm, prj, h_BMd, latent)
+    E_Vd = _embedding_matrix(lm) if latent.soft_tokens else None      # once for the T passes
+    z_BMd = latent_inputs(prj, h_BMd, lm, E_Vd)
     q_cache = [(k[:, :, :Q + 1], v[:, :, :Q + 1]) for k, v in out0.kv]
     if latent.fix_masks:
         lat_mask, lat_pos = mask, pos[:, Q + 1:]
@@ -99,7 +103,7 @@ def prefix_and_latents(model, batch: Batch, special: SpecialIds, latent: LatentC
         last = t == T - 1
         out = passes.run(z_BMd, lat_mask, lat_pos, q_cache, pre_rope=last and pre_rope)
         if not last:
-            p_BMd = latent_inputs(lm, prj, out.last_BSd, latent)
+            p_BMd = latent_inputs(prj, out.last_BSd, lm, E_Vd)
             z_BMd = torch.cat([z_BMd[:, :1], p_BMd[:, :-1]], dim=1)
     prefix = _Prefix(lat_mask=mask, qlen=batch.q_mask.sum(1))
     return prefix, out, z_BMd
