@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run only the cache probe (e.g. again under --set eviction.method=attention)")
     ap.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override applied on load, e.g. --set model.dtype=float32 (repeatable)")
+    ap.add_argument("--out-dir", default="",
+                    help="where the results go (default RUN/eval); give one when --set changes the method, e.g. "
+                         "--set latent.num_iterations=3 --out-dir RUN/eval_t3, so the run's own results stay")
     ap.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return ap
 
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         summaries = {} if args.cache_probe_only else evaluate_run(
             args.run, datasets, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size,
             limit=args.limit, max_new_tokens=args.max_new_tokens, budgets=args.budgets, overrides=args.overrides,
-            progress=not args.no_progress)
+            progress=not args.no_progress, out_dir=args.out_dir or None)
         if args.cache_probe:
             from kava_dist.cache_probe import probe_run
 

@@ -434,12 +434,16 @@ def budget_sweep(model, tokenizer, special: SpecialIds, cfg: KavaConfig, dataset
 def evaluate_run(run_dir: str | Path, datasets: Sequence[str] | None = None, data_dir: str | Path = "data",
                  device: str = "cpu", batch_size: int | None = None, limit: int | None = None,
                  max_new_tokens: int | None = None, budgets: Sequence[int] = (),
-                 overrides: Sequence[str] = (), progress: bool = True) -> dict[str, dict]:
+                 overrides: Sequence[str] = (), progress: bool = True,
+                 out_dir: str | Path | None = None) -> dict[str, dict]:
     """Load a run, evaluate it on `datasets` (names or paths; default cfg.eval.datasets), write eval/*.json and
-    eval/summary.md (over every dataset evaluated so far), and optionally the budget sweep. Returns summaries."""
+    eval/summary.md (over every dataset evaluated so far), and optionally the budget sweep. Returns summaries.
+    `out_dir` (default RUN/eval) keeps an evaluation under other settings (say `latent.num_iterations=3` for a
+    student trained at T = 6) apart from the run's own."""
     from kava_dist.run import RunDir, load_run
 
     rd = RunDir(run_dir)
+    eval_dir = Path(out_dir) if out_dir else rd.eval
     cfg, model, tokenizer, special = load_run(run_dir, device=device, overrides=list(overrides))
     specs = list(datasets or cfg.eval.datasets)
     if not specs:
@@ -453,10 +457,14 @@ def evaluate_run(run_dir: str | Path, datasets: Sequence[str] | None = None, dat
         res = evaluate_dataset(model, tokenizer, special, cfg, path, name=name, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, limit=limit, progress=progress)
         res["summary"]["run"] = str(rd.root)
-        write_result(res, rd.eval)
+        if overrides:
+            from kava_dist.guard import redact_argv
+
+            res["summary"]["overrides"] = redact_argv(list(overrides))
+        write_result(res, eval_dir)
         out[name] = res["summary"]
-    (rd.eval / "summary.md").write_text(summary_markdown(load_summaries(rd.eval), title=f"Evaluation of {rd.root}"))
+    (eval_dir / "summary.md").write_text(summary_markdown(load_summaries(eval_dir), title=f"Evaluation of {rd.root}"))
     if budgets:
-        budget_sweep(model, tokenizer, special, cfg, resolved, budgets, rd.eval / "budget",
+        budget_sweep(model, tokenizer, special, cfg, resolved, budgets, eval_dir / "budget",
                      batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, progress=progress)
     return out

@@ -113,6 +113,14 @@ def test_evaluate_and_report_end_to_end(tiny_paths, tmp_path, capsys):
     assert (rt / "eval" / "toy.json").stat().st_mtime_ns == before           # the decoding eval did not rerun
     other = json.loads((rt / "eval" / "cache_probe" / "toy.attention-lam0.1-share_none.json").read_text())
     assert other["eviction"]["method"] == "attention" and other["budgets"] == ["all", "2"]
+    # another Jacobi depth at evaluation: its own folder, the run's own results untouched
+    own = (r0 / "eval" / "toy.json").read_bytes()
+    ev_job.main(["--run", str(r0), "--datasets", "toy", "--data-dir", str(data), "--no-progress",
+                 "--set", "latent.num_iterations=1", "--out-dir", str(r0 / "eval_t1")])
+    assert (r0 / "eval" / "toy.json").read_bytes() == own
+    t1 = json.loads((r0 / "eval_t1" / "toy.json").read_text())["summary"]
+    assert t1["overrides"] == ["latent.num_iterations=1"]
+    assert t1["forward_passes"] == json.loads(own)["summary"]["forward_passes"] - (cfg.latent.num_iterations - 1)
     with pytest.raises(SystemExit):
         ev_job.main(["--run", str(r1), "--datasets", "toy", "--data-dir", str(data), "--no-progress",
                      "--cache-probe", "2"])
