@@ -157,6 +157,30 @@ class LocalBackend(Backend):
         paths = {rel: str(self._p(rel)) for rel in {r for r, _, _ in reqs}}   # one path check per file
         return _pread_ranges([(paths[rel], s, e) for rel, s, e in reqs])
 
+    def advise_willneed(self, rel: str, ranges: list[tuple[int, int]], gap: int = 64 << 10) -> int:
+        """Ask the kernel to start reading these (offset, length) ranges of a file into the page cache
+        (posix_fadvise WILLNEED: it returns at once, the reads run in the background). Ranges closer than `gap`
+        bytes are merged into one. Returns the calls made (0 where the platform has no posix_fadvise or the file
+        is missing)."""
+        if not ranges or not hasattr(os, "posix_fadvise"):
+            return 0
+        merged: list[list[int]] = []
+        for off, n in sorted(ranges):
+            if merged and off <= merged[-1][1] + gap:
+                merged[-1][1] = max(merged[-1][1], off + n)
+            else:
+                merged.append([off, off + n])
+        try:
+            fd = os.open(self._p(rel), os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            for a, b in merged:
+                os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+        return len(merged)
+
     def _write_tmp(self, path: Path, data: bytes) -> Path:
         """Write `data` to a temp file beside `path`; on any failure the temp file is removed (ENOSPC -> DiskFull)."""
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"

@@ -202,9 +202,15 @@ class FastChunkReader:
                 out[i] = g
         return out
 
-    def readahead(self, paths: list[str], shard_ids: np.ndarray) -> None:
-        """Start fetching the shard files of `paths` that rows in `shard_ids` need into the disk cache (no-op
-        without one)."""
+    def readahead(self, paths: list[str], shard_ids: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Start fetching what rows (shard_ids[i], rows[i]) of `paths` will need: on a remote store with a disk
+        cache, their whole shard files into it; on a local store, their byte ranges into the page cache
+        (posix_fadvise WILLNEED on just those ranges, not whole files, so a store larger than memory does not push
+        out the rows about to be read). Elsewhere nothing."""
+        if isinstance(self.backend, LocalBackend):
+            if rows is not None:
+                self._advise_rows(paths, np.asarray(shard_ids), np.asarray(rows))
+            return
         if self.cache is None or self.expected_file is None:
             return
         items = []
@@ -214,6 +220,21 @@ class FastChunkReader:
                 if f is not None and f["bytes"]:
                     items.append((shard_file_key(self.layouts[p].arr, s), f["sha256"], f["bytes"]))
         self.cache.prefetch(items)
+
+    def _advise_rows(self, paths: list[str], shard_ids: np.ndarray, rows: np.ndarray) -> int:
+        by_shard: dict[int, set[int]] = {}
+        for sh, r in zip(shard_ids.tolist(), rows.tolist()):
+            by_shard.setdefault(sh, set()).add(r)
+        index = self._indexes([(p, sh) for p in paths for sh in by_shard])
+        calls = 0
+        for p in paths:
+            for sh, rs in by_shard.items():
+                idx = index[(p, sh)]
+                if idx is None:
+                    continue
+                ranges = [(int(idx[r, 0]), int(idx[r, 1])) for r in rs if idx[r, 0] != ABSENT_CHUNK]
+                calls += self.backend.advise_willneed(shard_file_key(self.layouts[p].arr, sh), ranges)
+        return calls
 
     # -- shard indexes --------------------------------------------------------------------------
     def _indexes(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray | None]:

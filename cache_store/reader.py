@@ -241,14 +241,15 @@ class StoreReader(StoreView):
         return self._read(indices, names, dequantize=dequantize, pin_memory=pin_memory)
 
     def readahead(self, indices: Sequence[int] | np.ndarray, fields: Sequence[str] | None = None) -> None:
-        """Start fetching, in the background, the shard files rows `indices` will need (remote store with a
-        cache_dir; otherwise nothing)."""
+        """Start fetching, in the background, what rows `indices` will need: a remote store's shard files into
+        its cache_dir, a local store's row byte ranges into the page cache (posix_fadvise WILLNEED); a remote
+        store without a cache_dir, nothing."""
         self._get_arrays()
-        if self._fast is None or self._fast.cache is None:
+        if self._fast is None:
             return
         names = self.spec.field_names if fields is None else list(fields)
-        sid, _ = self.locate(indices)
-        self._fast.readahead([a.path for a in self.spec.stored_arrays() if a.field in names], sid)
+        sid, rows = self.locate(indices)
+        self._fast.readahead([a.path for a in self.spec.stored_arrays() if a.field in names], sid, rows)
 
     def expand_quantized(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A get_batch(..., dequantize=False) batch, moved to any device -> the dequantised batch

@@ -78,3 +78,41 @@ def test_read_field_reads_one_field(store: str) -> None:
     assert torch.equal(r.read_field("q", [9]), r.get_batch([9])["q"])
     with pytest.raises(KeyError, match="fields are"):
         r.read_field("nope")
+
+
+def test_readahead_of_a_local_store_advises_just_the_rows_ranges(store: str, monkeypatch) -> None:
+    """A local store's readahead asks the kernel (posix_fadvise WILLNEED) for the byte ranges the named rows will be
+    read from, and for no more: not whole shard files, which on a store larger than memory would push out rows
+    about to be read."""
+    import os
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    advised: list[tuple[str, int, int]] = []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd, off, n, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), off, n))
+        return real_fadvise(fd, off, n, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    r = StoreReader(store)
+    r.readahead([11], fields=["x", "q"])                      # row 3 of shard 1
+    assert advised, "a local store's readahead advised nothing"
+    for path, _, n in advised:
+        assert n < os.path.getsize(path), f"advised the whole of {path}"
+    read: list[tuple[str, int, int]] = []
+    real_pread = os.pread
+
+    def pread(fd, n, off):
+        read.append((os.readlink(f"/proc/self/fd/{fd}"), off, n))
+        return real_pread(fd, n, off)
+
+    monkeypatch.setattr(os, "pread", pread)
+    batch = r.get_batch([11], fields=["x", "q"])
+    assert batch["x"].shape == (1, 3, 16)
+    assert read
+    for path, off, n in read:                                 # every byte the read needed had been advised
+        assert any(p == path and a <= off and off + n <= a + m for p, a, m in advised), (path, off, n, advised)
+    assert {p for p, _, _ in read} <= {p for p, _, _ in advised}
