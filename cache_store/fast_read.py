@@ -109,6 +109,13 @@ def _decode_into(lay: _Layout, buf: bytes, target: np.ndarray) -> None:
         dest[...] = mv
 
 
+def _log_advice_error(fut: Any) -> None:
+    """Readahead is advice: a failure there (a damaged index, say) is logged, and the read that follows raises it."""
+    e = fut.exception()
+    if e is not None:
+        logger.warning("readahead of a local store failed (the read itself will report it): %s", e)
+
+
 class FastChunkReader:
     def __init__(self, backend: Backend, spec: StoreSpec, layouts: dict[str, _Layout],
                  index_cache_bytes: int = 64 << 20, decode_threads: int | None = None,
@@ -135,6 +142,7 @@ class FastChunkReader:
         self._lock = threading.Lock()
         n = decode_threads if decode_threads is not None else min(4, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(n, thread_name_prefix="cache_store-decode") if n > 1 else None
+        self._advisor: ThreadPoolExecutor | None = None      # local stores' readahead (page-cache advice)
 
     @classmethod
     def for_arrays(cls, backend: Backend, spec: StoreSpec, zarr_arrays: dict[str, Any], **kw: Any) -> FastChunkReader | None:
@@ -208,8 +216,12 @@ class FastChunkReader:
         (posix_fadvise WILLNEED on just those ranges, not whole files, so a store larger than memory does not push
         out the rows about to be read). Elsewhere nothing."""
         if isinstance(self.backend, LocalBackend):
-            if rows is not None:
-                self._advise_rows(paths, np.asarray(shard_ids), np.asarray(rows))
+            if rows is not None:      # on its own thread: advising can block on the disk queue, the reads must not
+                with self._lock:
+                    if self._advisor is None:
+                        self._advisor = ThreadPoolExecutor(1, thread_name_prefix="cache_store-advise")
+                self._advisor.submit(self._advise_rows, paths, np.asarray(shard_ids), np.asarray(rows)
+                                     ).add_done_callback(_log_advice_error)
             return
         if self.cache is None or self.expected_file is None:
             return

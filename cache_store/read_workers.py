@@ -13,8 +13,8 @@ decode, copy); while the training thread runs Python, each wait lasts up to Pyth
 its own StoreReader (the reader is pickled: it reopens the store on the other side) into a shared-memory block,
 and the caller copies the blocks into its output tensors (page-locked with `pin_memory`) and frees them. The
 caller's process takes its GIL a few times per batch, not per example. `readahead` (a remote store's whole shard
-files into its cache_dir, a local store's row ranges into the page cache, ahead of use) runs in the caller's
-process, on the reader it was given.
+files into its cache_dir; with page_readahead, a local store's row ranges into the page cache) runs in the
+caller's process, on the reader it was given.
 
 Errors in a worker come back as the same exception type where it pickles (else a RuntimeError with its text); a
 worker that dies is reported with its exit code. Workers are daemon processes: they end with the caller.
@@ -93,8 +93,8 @@ class ReadWorkers:
 
     def readahead(self, indices: Sequence[int] | np.ndarray, fields: Sequence[str] | None = None) -> None:
         """StoreReader.readahead in this process: a remote store's shard files are fetched into its cache_dir,
-        where the workers' readers find them (the cache is shared on the node); a local store's row ranges are
-        advised into the page cache, which the workers share too."""
+        where the workers' readers find them (the cache is shared on the node); with page_readahead, a local
+        store's row ranges are advised into the page cache, which the workers share too."""
         self._reader.readahead(indices, fields)
 
     def get_batch(self, indices: Sequence[int] | np.ndarray, dequantize: bool = True,

@@ -79,13 +79,18 @@ class StoreReader(StoreView):
         self, url: str, storage_options: dict[str, Any] | None = None, expected_fingerprint: str | None = None,
         verify: bool = False, expected_fingerprint_fields: dict[str, Any] | None = None, fast_read: bool = True,
         decode_threads: int | None = None, cache_dir: str | None = None, cache_bytes: int = 0,
+        page_readahead: bool = False,
     ) -> None:
         """fast_read: read chunks directly (fast_read.py); False reads through zarr (reference path).
         decode_threads: threads decompressing a batch (default min(4, cpus)).
         cache_dir: for a remote store, keep whole shard files on this local disk (one GET per file, shared by the
-        processes of a host; backend.ShardFileCache), at most cache_bytes (0 = unbounded)."""
+        processes of a host; backend.ShardFileCache), at most cache_bytes (0 = unbounded).
+        page_readahead: `readahead` on a local store advises the rows' byte ranges into the page cache
+        (posix_fadvise WILLNEED, on a background thread). Off by default: on a local disk it did not help
+        (bench/cold_read_bench.py, docs/PERFORMANCE.md)."""
         self._init_args = (url, storage_options, expected_fingerprint, verify, expected_fingerprint_fields,
-                           fast_read, decode_threads, cache_dir, cache_bytes)
+                           fast_read, decode_threads, cache_dir, cache_bytes, page_readahead)
+        self.page_readahead = bool(page_readahead)
         self._fast_opts = (bool(fast_read), decode_threads)
         self._cache_opts = (cache_dir, int(cache_bytes))
         self.backend = open_backend(url, storage_options)
@@ -242,10 +247,10 @@ class StoreReader(StoreView):
 
     def readahead(self, indices: Sequence[int] | np.ndarray, fields: Sequence[str] | None = None) -> None:
         """Start fetching, in the background, what rows `indices` will need: a remote store's shard files into
-        its cache_dir, a local store's row byte ranges into the page cache (posix_fadvise WILLNEED); a remote
-        store without a cache_dir, nothing."""
+        its cache_dir; with page_readahead, a local store's row byte ranges into the page cache (posix_fadvise
+        WILLNEED). Otherwise nothing."""
         self._get_arrays()
-        if self._fast is None:
+        if self._fast is None or (self._fast.cache is None and not self.page_readahead):
             return
         names = self.spec.field_names if fields is None else list(fields)
         sid, rows = self.locate(indices)

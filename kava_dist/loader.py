@@ -328,8 +328,8 @@ class StoreLoader(TokenLoader):
     Each micro-batch is read in plan order straight into its output tensors (page-locked with CUDA, so no second
     copy is made to pin it), only the fields a step uses, on the prefetch thread (decompression on the reader's
     decode threads, which let go of the GIL). `readahead` micro-batches beyond the prefetch queue, the reader
-    starts fetching what they need (a remote store with a local cache_dir: its shard files; a local store: the
-    rows' byte ranges into the page cache, so a cold store is read ahead of use).
+    starts fetching what they need (a remote store with a local cache_dir: its shard files; a local store read
+    with `page_readahead`: the rows' byte ranges into the page cache; otherwise nothing).
 
     An int8/int4 store's K/V are handed over as their quantised parts (`QuantizedTargets`): the trainer's
     `.to(device)` copies int8 values and scales and dequantises on the device, so neither the host CPU nor PCIe

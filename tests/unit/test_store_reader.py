@@ -81,7 +81,7 @@ def test_read_field_reads_one_field(store: str) -> None:
 
 
 def test_readahead_of_a_local_store_advises_just_the_rows_ranges(store: str, monkeypatch) -> None:
-    """A local store's readahead asks the kernel (posix_fadvise WILLNEED) for the byte ranges the named rows will be
+    """With page_readahead, a local store's readahead asks the kernel (posix_fadvise WILLNEED) for the byte ranges the named rows will be
     read from, and for no more: not whole shard files, which on a store larger than memory would push out rows
     about to be read."""
     import os
@@ -97,8 +97,11 @@ def test_readahead_of_a_local_store_advises_just_the_rows_ranges(store: str, mon
         return real_fadvise(fd, off, n, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    r = StoreReader(store)
+    StoreReader(store).readahead([11], fields=["x", "q"])    # off by default
+    assert not advised
+    r = StoreReader(store, page_readahead=True)
     r.readahead([11], fields=["x", "q"])                      # row 3 of shard 1
+    r._fast._advisor.submit(lambda: None).result(timeout=30)  # the advice runs on its own thread: let it finish
     assert advised, "a local store's readahead advised nothing"
     for path, _, n in advised:
         assert n < os.path.getsize(path), f"advised the whole of {path}"
