@@ -104,7 +104,12 @@ def wait_line(proc: subprocess.Popen, stream_name: str, needle: str, timeout: fl
             if needle in line:
                 return line
     proc.kill()
-    raise AssertionError(f"no {needle!r} on {stream_name} within {timeout}s; got {seen[-20:]} rc={proc.poll()}")
+    try:                                    # what the child said before it ended: the reason it never got there
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        err = ""
+    raise AssertionError(f"no {needle!r} on {stream_name} within {timeout}s; got {seen[-20:]} rc={proc.poll()}; "
+                         f"its stderr ends: {(err or '')[-3000:]}")
 
 
 def finish(proc: subprocess.Popen, timeout: float = 90) -> list[dict]:
