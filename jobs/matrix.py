@@ -4,6 +4,7 @@ this project's own jobs, several at a time, within a wall-clock deadline.
 Usage:
     python -m jobs.matrix configs/experiments/smollm2/matrix.yaml --var device=cuda --deadline-min 14
     python -m jobs.matrix PLAN --dry-run                          # the commands, in start order, and nothing else
+    python -m jobs.matrix PLAN --only 'kava_*,codi_s0'           # a part: these jobs and what they need
     python -m jobs.matrix PLAN --var device=cpu --set train.max_steps=2 data.limit=64 eval.limit=8   # smoke run
     python -m jobs.matrix --config PLAN train.max_steps=2 data.limit=64 --var device=cpu   # the same, every job's shape
 
@@ -46,7 +47,7 @@ import yaml
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kava_dist.schedule import PlanError, Scheduler, load_plan, preflight  # noqa: E402
+from kava_dist.schedule import PlanError, Scheduler, load_plan, preflight, select_jobs  # noqa: E402
 
 log = logging.getLogger("jobs.matrix")
 
@@ -64,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-min", type=float, default=0, help="stop everything this many minutes from now")
     ap.add_argument("--reserve-min", type=float, default=2.0,
                     help="start no train/cache job later than this before the deadline")
+    ap.add_argument("--only", default="", metavar="NAME,NAME",
+                    help="run only these jobs (shell globs, e.g. 'kava_*,codi_s0') and what they need: the jobs "
+                         "they run after, their evaluations, the summary and cleanup jobs")
     ap.add_argument("--dry-run", action="store_true", help="print the jobs' commands and exit")
     ap.add_argument("--no-preflight", action="store_true",
                     help="skip the check, before anything starts, that the jobs' packages import and programs exist")
@@ -75,6 +79,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         out, slots, jobs = load_plan(args.plan, args.var, args.set)
+        if args.only:
+            jobs = select_jobs(jobs, [p.strip() for p in args.only.split(",") if p.strip()])
     except (PlanError, OSError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

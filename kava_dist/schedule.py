@@ -227,6 +227,39 @@ def load_plan(path: str | Path, var_overrides: list[str] = (), sets: list[str] =
     return Path(vars_["out"]), int(raw.get("slots", 1)), jobs
 
 
+def select_jobs(jobs: list[Job], patterns: list[str]) -> list[Job]:
+    """The jobs whose names match `patterns` (shell globs), with every job they run after (transitively), the
+    evaluation job of each matched train job, and the `always` jobs (summaries, cleanup) that follow a kept job; the
+    kept jobs' `after` lists are trimmed to the kept ones. For running a plan in parts (one part per machine
+    session, say): the parts write under the same `out`, so one `jobs.summarize` reads them all."""
+    import fnmatch
+
+    names = [j.name for j in jobs]
+    by_name = {j.name: j for j in jobs}
+    keep: set[str] = set()
+    for pat in patterns:
+        hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            raise PlanError(f"--only {pat!r} matches no job; the plan's jobs are {names}")
+        keep.update(hit)
+    keep.update(f"{n}.eval" for n in list(keep) if f"{n}.eval" in by_name)
+    todo = list(keep)
+    while todo:                                   # what the kept jobs run after
+        for dep in by_name[todo.pop()].after:
+            if dep not in keep:
+                keep.add(dep)
+                todo.append(dep)
+    for j in jobs:                                # in plan order, so an always job after another one is seen
+        if j.always and j.name not in keep and any(a in keep for a in j.after):
+            keep.add(j.name)
+    out = []
+    for j in jobs:
+        if j.name in keep:
+            j.after = [a for a in j.after if a in keep]
+            out.append(j)
+    return out
+
+
 class Scheduler:
     """Start ready jobs in order while slots allow, within an optional deadline; record every state change in
     OUT/matrix.json (a rerun skips the jobs recorded there as ok)."""

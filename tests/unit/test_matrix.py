@@ -146,3 +146,33 @@ def test_preflight_passes_a_plan_that_can_run(tmp_path: Path, monkeypatch) -> No
     ])
     _, _, jobs = load_plan(plan)
     assert schedule.preflight(jobs) == []
+
+
+def test_only_keeps_the_named_jobs_and_what_they_need(tmp_path: Path) -> None:
+    from kava_dist.schedule import select_jobs
+
+    cmd = {"kind": "cmd", "run": ["echo"]}
+    plan = write_plan(tmp_path, [
+        {"name": "teacher", "config": "C.yaml", "eval": ["mult4x4"]},
+        {"name": "cache", **cmd, "after": ["teacher"]},
+        {"name": "kava_s0", "config": "C.yaml", "after": ["cache"], "eval": ["mult4x4"]},
+        {"name": "kava_s1", "config": "C.yaml", "after": ["cache"], "eval": ["mult4x4"]},
+        {"name": "codi_s0", "config": "C.yaml", "after": ["cache"], "eval": ["mult4x4"]},
+        {"name": "nocot", "config": "C.yaml", "after": ["teacher"], "eval": ["mult4x4"]},
+        {"name": "report", **cmd, "after": ["kava_s0.eval"]},
+        {"name": "summary", **cmd, "after": ["*"], "always": True},
+        {"name": "stop", **cmd, "after": ["summary"], "always": True},
+    ])
+    _, _, jobs = load_plan(plan)
+    kept = select_jobs(jobs, ["kava_*"])
+    assert [j.name for j in kept] == ["teacher", "cache", "kava_s0", "kava_s0.eval", "kava_s1", "kava_s1.eval",
+                                      "summary", "stop"]
+    by = {j.name: j for j in kept}
+    assert by["summary"].after == ["teacher", "cache", "kava_s0", "kava_s0.eval", "kava_s1", "kava_s1.eval"]
+    assert by["stop"].after == ["summary"]
+    _, _, jobs = load_plan(plan)
+    assert [j.name for j in select_jobs(jobs, ["nocot", "report"])] == [
+        "teacher", "cache", "kava_s0", "kava_s0.eval", "nocot", "nocot.eval", "report", "summary", "stop"]
+    _, _, jobs = load_plan(plan)
+    with pytest.raises(PlanError, match="matches no job"):
+        select_jobs(jobs, ["pccot"])
