@@ -74,6 +74,8 @@ def ensure_arrays(store: Any, spec: StoreSpec, num_shards: int, create: bool = T
     if create:
         try:
             zarr.open_group(store, mode="a", zarr_format=3)
+        except ContainsGroupError:
+            pass  # another writer created the root group between zarr's check and its create: it is there now
         except ContainsArrayError as e:  # pragma: no cover - foreign content at root
             raise SpecMismatch(f"store root holds a zarr array, not a group: {e}") from e
     out: dict[str, zarr.Array] = {}

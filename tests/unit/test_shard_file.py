@@ -186,3 +186,24 @@ def test_unsupported_arrays_fall_back_to_zarr(tmp_path: Path, monkeypatch: pytes
     shard_plan(z)
     write_shard_block(z, SHARD, S, block_for(z, 1))
     assert calls[-1] != z.path  # a supported array does not go through zarr's write
+
+
+def test_ensure_arrays_takes_a_root_group_another_writer_created_meanwhile(tmp_path: Path, monkeypatch) -> None:
+    """Writers creating one store at once: zarr checks for the root group, another process creates it, and zarr's
+    create then reports ContainsGroupError. The group is there, so opening the store goes on (seen as 1 in 90 of
+    six processes opening a new store at once, before this was handled)."""
+    from zarr.errors import ContainsGroupError
+
+    store = zarr.storage.LocalStore(tmp_path)
+    real = zarr.open_group
+
+    def raced(st, mode="a", **kw):
+        if mode == "a" and not (tmp_path / "zarr.json").exists():
+            real(st, mode="w-", **kw)                      # the other writer wins the race
+            raise ContainsGroupError(f"A group exists in store {st!r} at path ''.")
+        return real(st, mode=mode, **kw)
+
+    monkeypatch.setattr(zarr_io.zarr, "open_group", raced)
+    spec = StoreSpec(fields=(FieldSpec("x", (4,), "float32"),), shard_size=2)
+    arrays = ensure_arrays(store, spec, 3)
+    assert set(arrays) == {a.path for a in spec.stored_arrays()}
