@@ -10,7 +10,9 @@ Usage:
 A run's method is its folder name without a `_s<seed>` suffix (`kava_s1` -> `kava`). `summary.json` holds, per
 method, exactly {"accuracy": [per-seed fractions], "passes_per_question": mean, "examples_seen": mean};
 `details.json` adds per-run intervals, walls, rates and commands. Reads each run's eval/{dataset}.json,
-metrics.jsonl, adapter/kava.json and the matrix's matrix.json (job commands and wall times).
+metrics.jsonl, adapter/kava.json and the matrix's matrix.json (job commands and wall times). An evaluation under
+other settings (`jobs.evaluate --set latent.num_iterations=3 --out-dir RUN/eval_t3`) is a row of its own,
+method `{method}@t3`, beside the run's.
 """
 from __future__ import annotations
 
@@ -73,6 +75,14 @@ def collect(root: str | Path, dataset: str = "mult4x4") -> list[dict[str, Any]]:
         else:
             log.warning("%s has no eval/%s.json: left out of the accuracy table", run, dataset)
         runs.append(rec)
+        for extra in sorted(run.glob(f"eval_*/{dataset}.json")):   # jobs.evaluate --set ... --out-dir RUN/eval_X
+            s = json.loads(extra.read_text())["summary"]
+            tag = extra.parent.name[len("eval_"):]
+            how = " ".join(f"--set {o}" for o in s.get("overrides", []))
+            runs.append({**rec, "run": f"{run.name}@{tag}", "method": f"{method}@{tag}", "curve": [], "curve_ce": [],
+                         "eval_wall_s": None, "command": f"{rec['command']}, evaluated with {how or extra.parent.name}",
+                         "accuracy": s["accuracy"], "correct": s["correct"], "n": s["n"], "ci95": s["ci95"],
+                         "passes_per_question": s["forward_passes"], "mode": s["mode"]})
     return runs
 
 

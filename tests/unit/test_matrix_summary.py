@@ -38,3 +38,16 @@ def test_summary_groups_seeds_and_keeps_the_schema(tmp_path):
     assert "| kava | 2 | 91.0 ± 1.4 |" in md and "`kava_s0`: `-m jobs.train x`" in md
     assert paths["curves"].stat().st_size > 1000
     assert runs[[r["run"] for r in runs].index("kava_s0")]["curve_ce"] == [(1280, 0.9), (2560, 0.6)]
+
+
+def test_an_evaluation_under_other_settings_is_a_row_of_its_own(tmp_path):
+    _run(tmp_path, "kava_t6_s1", 800, passes=23.0)
+    (tmp_path / "kava_t6_s1" / "eval_t3").mkdir()
+    (tmp_path / "kava_t6_s1" / "eval_t3" / "mult4x4.json").write_text(json.dumps({"summary": {
+        "accuracy": 0.5, "correct": 500, "n": 1000, "ci95": [0.47, 0.53], "forward_passes": 20.0, "mode": "latent",
+        "overrides": ["latent.num_iterations=3"]}, "records": []}))
+    s = summary_json(collect(tmp_path))
+    assert s["kava_t6"] == {"accuracy": [0.8], "passes_per_question": 23.0, "examples_seen": 2560}
+    assert s["kava_t6@t3"] == {"accuracy": [0.5], "passes_per_question": 20.0, "examples_seen": 2560}
+    md = write_summary(collect(tmp_path), tmp_path / "out")["markdown"].read_text()
+    assert "evaluated with --set latent.num_iterations=3" in md
