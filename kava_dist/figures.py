@@ -107,7 +107,8 @@ def figure_batch(cfg: KavaConfig, tokenizer, special, data_path: str | Path, n_e
                              drop_last_step=cfg.data.drop_last_step, max_tokens=cfg.data.max_tokens)
     keep = [e for e in enc if e.cot_ids][:n_examples]
     if not keep:
-        raise ValueError(f"{data_path} has no rows with a CoT after dropping the last step; pass --figure-data "
+        after = " after dropping the last step" if cfg.data.drop_last_step else ""
+        raise ValueError(f"{data_path} has no rows with a CoT{after}; pass --figure-data "
                          "with a training-style file (question, cot, answer).")
     by_id = {ex.id: ex for ex in examples}
     texts = []
@@ -197,12 +198,12 @@ def _tok_str(t: str) -> str:
 
 
 def write_latent_decoding(texts: Sequence[dict], topk: Sequence, out_md: str | Path, out_png: str | Path,
-                          n_md: int = 4) -> list[Path]:
+                          n_md: int = 4, last_step_dropped: bool = True) -> list[Path]:
     """Markdown tables (latent m -> top-3 tokens) next to the teacher's CoT text, and a PNG of the first one."""
+    how = "last step dropped, as the teacher reads it" if last_step_dropped else "as the teacher reads it"
     lines = ["# Decoded latents", "",
              "Each latent input z_m (last Jacobi pass) projected through the LM head directly (no final norm), "
-             "top-3 tokens with probabilities, next to the teacher's CoT text (last step dropped, as the teacher "
-             "reads it).", ""]
+             f"top-3 tokens with probabilities, next to the teacher's CoT text ({how}).", ""]
     for i, (t, rows) in enumerate(zip(texts[:n_md], topk[:n_md])):
         lines += [f"## Example {i}", "", f"**Question:** {t['question']}", "", f"**Teacher CoT:** `{t['cot']}`", "",
                   f"**Answer:** {t['answer']}", "", "| latent | top-1 | top-2 | top-3 |", "|---:|---|---|---|"]
@@ -242,7 +243,8 @@ def model_figures(cfg: KavaConfig, model, tokenizer, special, data_path: str | P
     with torch.no_grad():
         lat_BMd = student_forward(model, batch.to(dev), special, cfg.latent, with_hidden=False).latents_BMd
     topk = latent_topk(model, tokenizer, lat_BMd)
-    paths += write_latent_decoding(texts, topk, out_dir / "latent_decoding.md", out_dir / "latent_decoding.png")
+    paths += write_latent_decoding(texts, topk, out_dir / "latent_decoding.md", out_dir / "latent_decoding.png",
+                                   last_step_dropped=cfg.data.drop_last_step)
     return {"paths": paths, "kv_similarity": sim}
 
 

@@ -309,3 +309,14 @@ def test_answer_field_reads_the_named_field(tmp_path):
     assert ex == [] and rep.skipped["non-numeric answer"] == 1
     with pytest.raises(ValueError, match="answer_icot.*data.answer_field|data.answer_field"):
         load_examples(p, answer_field="answer_rev")
+
+
+def test_latent_decoding_says_whether_the_last_step_was_dropped(tmp_path):
+    from kava_dist.figures import write_latent_decoding
+
+    texts = [{"question": "1 2 * 3 4", "cot": "3 6 + 4 0", "answer": "8 0 4"}]
+    topk = [[[("3", 0.5), (" ", 0.2), ("4", 0.1)], [(" ", 0.9), ("+", 0.05), ("0", 0.01)]]]
+    kept = write_latent_decoding(texts, topk, tmp_path / "a.md", tmp_path / "a.png", last_step_dropped=False)[0]
+    assert "last step dropped" not in kept.read_text() and "| 0 | `3` 0.50 |" in kept.read_text()
+    dropped = write_latent_decoding(texts, topk, tmp_path / "b.md", tmp_path / "b.png")[0]
+    assert "last step dropped" in dropped.read_text()
