@@ -88,6 +88,16 @@ def rescale_embeddings(path: Path, std: float, seed: int) -> None:
     model.save_pretrained(path)
 
 
+def student_label(run_dir: Path) -> str:
+    """The latent student's row name in the demo's table, from its saved config: "KaVa student", or the
+    baseline its loss weights make it ("CODI-style student" with loss.alpha_kv=0, "PCCoT-style student")."""
+    from kava_dist.config import load_config
+    from kava_dist.report import method_label
+
+    label = method_label(load_config(Path(run_dir) / "config.yaml"))
+    return f"{label} student" if label in ("CODI-style", "PCCoT-style") else "KaVa student"
+
+
 def _train(cfg_dict: dict, overrides: list[str]):
     from kava_dist.config import config_from_dict
     from kava_dist.engine import init_distributed
@@ -222,14 +232,14 @@ def run_demo(args) -> int:
     ncfg["train"].update(stage="nocot", out_dir=str(out / "nocot"), max_steps=p["student_steps"], lr=p["student_lr"])
     st.run("nocot", "deepspeed jobs/train.py --config CFG train.stage=nocot", lambda: _train(ncfg, extra))
 
-    runs = {"Full-CoT teacher": teacher_dir, "KaVa student": out / "student", "No-CoT": out / "nocot"}
+    runs = {"Full-CoT teacher": teacher_dir, student_label(out / "student"): out / "student", "No-CoT": out / "nocot"}
 
     def evaluate():
         from kava_dist.evaluate import evaluate_run
 
         res = {}
         for label, rd in runs.items():
-            budgets = tuple(sorted({2, 4, p["latents"], 2 * p["latents"]})) if label == "KaVa student" else ()
+            budgets = tuple(sorted({2, 4, p["latents"], 2 * p["latents"]})) if rd == out / "student" else ()
             res[label] = evaluate_run(rd, [str(test_path)], budgets=budgets, progress=False)
         return res
 

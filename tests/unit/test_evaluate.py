@@ -320,3 +320,19 @@ def test_latent_decoding_says_whether_the_last_step_was_dropped(tmp_path):
     assert "last step dropped" not in kept.read_text() and "| 0 | `3` 0.50 |" in kept.read_text()
     dropped = write_latent_decoding(texts, topk, tmp_path / "b.md", tmp_path / "b.png")[0]
     assert "last step dropped" in dropped.read_text()
+
+
+def test_demo_table_names_the_student_its_loss_weights_make(tmp_path):
+    from kava_dist.config import KavaConfig, save_config
+    from kava_dist.demo import student_label
+
+    for over, want in (({}, "KaVa student"), ({"alpha_kv": 0.0}, "CODI-style student"),
+                       ({"alpha_codi": 0.0}, "PCCoT-style student")):
+        cfg = KavaConfig()
+        cfg.train.stage = "student"
+        for k, v in over.items():
+            setattr(cfg.loss, k, v)
+        d = tmp_path / want.replace(" ", "_")
+        d.mkdir()
+        save_config(cfg, d / "config.yaml")
+        assert student_label(d) == want
