@@ -5,8 +5,10 @@ once. Each round drops its files from the page cache (posix_fadvise DONTNEED), t
 micro-batches the way `kava_dist.loader.StoreLoader` does: a background thread reads each micro-batch with
 `StoreReader.get_batch` into a bounded queue (depth `--prefetch`), and, with readahead on, announces each
 micro-batch `--readahead` micro-batches before it is read (`StoreReader(..., page_readahead=True).readahead`:
-WILLNEED on the rows' byte ranges, on a background thread). The consumer takes one micro-batch per `--consumer-ms` x examples (a GPU step's time) and waits when the
-queue is empty. The printed ratio is consumer time / wall time: 1.0 means the reads hid behind the steps.
+WILLNEED on the rows' byte ranges, on a background thread). The consumer takes `--consumer-ms` per example of a
+micro-batch (a GPU step's time) and waits when the queue is empty. The printed ratio is consumer time / wall
+time: 1.0 means the reads hid behind the steps. The page cache is dropped with bench/store_targets.py's
+`drop_page_cache`, as `train_bench --targets cold` does.
 
 Usage:
     python bench/cold_read_bench.py                                   # ~1 min on 2 CPU cores
@@ -15,7 +17,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import queue
 import sys
 import tempfile
@@ -28,20 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.store_targets import drop_page_cache  # noqa: E402
 from cache_store import FieldSpec, StoreReader, StoreSpec, StoreWriter  # noqa: E402
-
-
-def drop_page_cache(root: Path) -> int:
-    n = 0
-    for p in root.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            n += 1
-    return n
 
 
 def write(root: Path, n: int, shard: int) -> str:
@@ -113,7 +102,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = rng.permutation(args.examples)
             for name in (("readahead", "no readahead") if r % 2 == 0 else ("no readahead", "readahead")):
-                files = drop_page_cache(Path(tmp))
+                files, _ = drop_page_cache(Path(tmp))
                 out = one_round(url, order, args.batch, args.consumer_ms / 1000, args.prefetch,
                                 args.readahead if name == "readahead" else 0)
                 res[name].append(out)
