@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from cache_store._util import format_bytes
 from kava_dist.backbone import parts
 from kava_dist.config import KavaConfig, LatentConfig
-from kava_dist.guard import confine
+from kava_dist.guard import confine, redact_argv
 from kava_dist.prompts import Encoded, SpecialIds, encode_examples, load_examples
 from kava_dist.student import generate_answers
 from kava_dist.teacher import positions_from_mask
@@ -458,8 +458,6 @@ def evaluate_run(run_dir: str | Path, datasets: Sequence[str] | None = None, dat
                                max_new_tokens=max_new_tokens, limit=limit, progress=progress)
         res["summary"]["run"] = str(rd.root)
         if overrides:
-            from kava_dist.guard import redact_argv
-
             res["summary"]["overrides"] = redact_argv(list(overrides))
         write_result(res, eval_dir)
         out[name] = res["summary"]
