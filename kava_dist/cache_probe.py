@@ -117,7 +117,7 @@ def probe_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, path: 
     batch_size = batch_size or cfg.eval.batch_size
     max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
     examples, report = load_examples(path, cot_style=d.cot_style, numeric_answer=d.answer_match == "numeric",
-                                     limit=limit, answer_field=d.answer_field)
+                                     limit=limit, answer_field=d.answer_field, answer_spaces=d.answer_spaces)
     if not examples:
         raise ValueError(f"{path}: no usable rows ({report.summary()}); the cache probe needs rows with a CoT "
                          f"and a `{d.answer_field}` (data.answer_field).")

@@ -303,7 +303,7 @@ def evaluate_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, pat
     d = cfg.data
     numeric = d.answer_match == "numeric"
     examples, report = load_examples(path, cot_style=d.cot_style, numeric_answer=numeric, limit=limit,
-                                     answer_field=d.answer_field)
+                                     answer_field=d.answer_field, answer_spaces=d.answer_spaces)
     if not examples:
         raise ValueError(f"{path}: no usable rows ({report.summary()}). Evaluation needs a "
                          f"{'numeric ' if numeric else ''}`{d.answer_field}` (data.answer_field) in every row.")

@@ -134,6 +134,7 @@ def cache_fingerprint_fields(cfg: KavaConfig) -> dict[str, object]:
         "data.limit": d.limit,
         # only when set, so stores built before the field existed keep their fingerprint
         **({"data.answer_field": d.answer_field} if d.answer_field != "answer" else {}),
+        **({"data.answer_spaces": False} if not d.answer_spaces else {}),
         "latent.num_latents": cfg.latent.num_latents,
         "eviction.method": e.method,
         "eviction.lam": e.lam,

@@ -204,9 +204,11 @@ def normalize_answer(answer: Any) -> str:
 
 
 def load_examples(path: str | Path, cot_style: str = "auto", numeric_answer: bool = True,
-                  limit: int = 0, answer_field: str = "answer") -> tuple[list[Example], DataReport]:
+                  limit: int = 0, answer_field: str = "answer",
+                  answer_spaces: bool = True) -> tuple[list[Example], DataReport]:
     """Load rows as `Example`s, skipping (and counting) malformed ones. The answer is read from
-    `answer_field` (e.g. answer_icot); a file without that field is an error that lists the fields it has."""
+    `answer_field` (e.g. answer_icot); a file without that field is an error that lists the fields it has.
+    `answer_spaces=False` removes the whitespace inside each answer (data.answer_spaces)."""
     rows = read_rows(path)
     report = DataReport(source=str(path))
     examples = []
@@ -230,6 +232,8 @@ def load_examples(path: str | Path, cot_style: str = "auto", numeric_answer: boo
             report.skip("missing answer", i)
             continue
         answer = normalize_answer(answer)
+        if not answer_spaces:
+            answer = "".join(answer.split())
         if numeric_answer and not _NUMBER.fullmatch(answer):
             report.skip("non-numeric answer", i)
             continue
@@ -366,7 +370,7 @@ def load_training_set(data, tokenizer) -> tuple[list[Encoded], DataReport]:
     length limit, row limit): the one definition of "the training examples" that the trainer, the cache build
     and its benchmark share, so a store's rows and a run's examples cannot drift apart."""
     examples, report = load_examples(data.train_path, data.cot_style, data.numeric_answer, data.limit,
-                                     data.answer_field)
+                                     data.answer_field, data.answer_spaces)
     report.check_malformed(data.max_bad_fraction)
     return encode_examples(examples, tokenizer, data.answer_prompt, data.drop_last_step, data.max_tokens, report)
 

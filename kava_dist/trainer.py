@@ -160,7 +160,7 @@ class Trainer:
             return []
         n_acc = self.cfg.eval.valid_questions
         examples, _ = load_examples(d.valid_path, d.cot_style, d.numeric_answer,
-                                    max(self.cfg.eval.limit or 256, n_acc), d.answer_field)
+                                    max(self.cfg.eval.limit or 256, n_acc), d.answer_field, d.answer_spaces)
         enc, _ = encode_examples(examples, self.tokenizer, d.answer_prompt, d.drop_last_step, d.max_tokens)
         if n_acc:   # decoded for the accuracy curve: this rank's share of the first n_acc questions
             if self.cfg.train.zero_stage == 3:

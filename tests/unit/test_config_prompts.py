@@ -83,7 +83,7 @@ def test_fingerprint_covers_targets_not_losses(tiny_paths, tmp_path):
         assert cache_fingerprint(load_config(None, base + [same]))[0] == ref, same
     for diff in ["eviction.lam=0.2", "eviction.method=crop", "latent.num_latents=8", "eviction.order=score",
                  "eviction.rope=pre", "store.dtype=int8", "data.drop_last_step=false", "model.dtype=float32",
-                 "data.answer_prompt=Answer:"]:
+                 "data.answer_prompt=Answer:", "data.answer_spaces=false"]:
         assert cache_fingerprint(load_config(None, base + [diff]))[0] != ref, diff
     data.write_text(json.dumps({"question": "q", "cot": "<<1+1=2>>", "answer": "3"}) + "\n")
     from kava_dist.fingerprint import _file_digest

@@ -311,6 +311,33 @@ def test_answer_field_reads_the_named_field(tmp_path):
         load_examples(p, answer_field="answer_rev")
 
 
+def test_answer_without_spaces_is_what_is_learned_and_scored(tmp_path, tiny_paths):
+    """data.answer_spaces=false: the training sequence and the gold answer are the digit string, one token per digit
+    for tokenizers that split digits (the decoding passes a spaced answer would spend on its spaces are gone)."""
+    import gzip
+    import json
+
+    from transformers import AutoTokenizer
+
+    from kava_dist.config import load_config
+    from kava_dist.prompts import load_examples, load_training_set
+
+    p = tmp_path / "m.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        f.write(json.dumps({"question": "1 2 * 3 4", "cot": "4 8 + 0 3 6", "answer": "408",
+                            "answer_icot": "8 0 4"}) + "\n")
+    base = [f"model.name_or_path={tiny_paths['llama']}", f"data.train_path={p}", "data.answer_field=answer_icot",
+            "data.numeric_answer=false", "data.answer_match=exact", "data.drop_last_step=false"]
+    tok = AutoTokenizer.from_pretrained(tiny_paths["llama"])
+    spaced, _ = load_training_set(load_config(None, base).data, tok)
+    compact, _ = load_training_set(load_config(None, base + ["data.answer_spaces=false"]).data, tok)
+    assert tok.decode(compact[0].answer_ids[:-1]) == "804"
+    assert tok.decode(spaced[0].answer_ids[:-1]) == "8 0 4"
+    assert compact[0].cot_ids == spaced[0].cot_ids            # the chain (the KV targets' source) is untouched
+    ex, _ = load_examples(p, numeric_answer=True, answer_field="answer_icot", answer_spaces=False)
+    assert [e.answer for e in ex] == ["804"]                  # a digit string: numeric checks accept it
+
+
 def test_latent_decoding_says_whether_the_last_step_was_dropped(tmp_path):
     from kava_dist.figures import write_latent_decoding
 
