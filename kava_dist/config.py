@@ -157,7 +157,7 @@ class DataConfig:
     least-significant first, as the iCoT multiplication sets give it)."""
     answer_spaces: bool = True
     """Keep the whitespace inside the answer. false writes it as one string without spaces (answer_icot's
-    `8 5 6 8 7 2 1 2` becomes `85687212`): SmolLM2's and Llama's tokenizers make every space a token of its own, so
+    `8 5 6 8 7 2 1 2` becomes `85687212`): SmolLM2's tokenizer makes every space a token of its own, so
     a spaced digit answer costs two decoding passes per digit where iCoT's GPT-2 reads ` 5` as one (D29)."""
     answer_match: str = "numeric"
     """How a generated answer is scored: numeric (CODI: the last number after the answer prompt, compared as a
