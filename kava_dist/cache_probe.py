@@ -37,7 +37,7 @@ from kava_dist.config import KavaConfig
 from kava_dist.evaluate import _device_of, eval_mode, resolve_dataset, score, wilson_interval
 from kava_dist.models import family_of
 from kava_dist.passes import cache_kv, make_cache
-from kava_dist.prompts import Batch, SpecialIds, collate, encode_examples, load_examples
+from kava_dist.prompts import Batch, SpecialIds, collate, encode_examples, load_examples_for
 from kava_dist.student import forced_then_greedy
 from kava_dist.targets import compute_targets
 from kava_dist.teacher import positions_from_mask, teacher_forward
@@ -116,8 +116,7 @@ def probe_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, path: 
     limit = cfg.eval.limit if limit is None else limit
     batch_size = batch_size or cfg.eval.batch_size
     max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
-    examples, report = load_examples(path, cot_style=d.cot_style, numeric_answer=d.answer_match == "numeric",
-                                     limit=limit, answer_field=d.answer_field, answer_spaces=d.answer_spaces)
+    examples, report = load_examples_for(path, d, limit, numeric=d.answer_match == "numeric")
     if not examples:
         raise ValueError(f"{path}: no usable rows ({report.summary()}); the cache probe needs rows with a CoT "
                          f"and a `{d.answer_field}` (data.answer_field).")

@@ -41,7 +41,7 @@ from cache_store._util import format_bytes
 from kava_dist.backbone import parts
 from kava_dist.config import KavaConfig, LatentConfig
 from kava_dist.guard import confine, redact_argv
-from kava_dist.prompts import Encoded, SpecialIds, encode_examples, load_examples
+from kava_dist.prompts import Encoded, SpecialIds, encode_examples, load_examples_for
 from kava_dist.student import generate_answers
 from kava_dist.teacher import positions_from_mask
 
@@ -302,8 +302,7 @@ def evaluate_dataset(model, tokenizer, special: SpecialIds, cfg: KavaConfig, pat
         max_new_tokens = cfg.eval.cot_max_new_tokens if mode == "cot" else cfg.eval.max_new_tokens
     d = cfg.data
     numeric = d.answer_match == "numeric"
-    examples, report = load_examples(path, cot_style=d.cot_style, numeric_answer=numeric, limit=limit,
-                                     answer_field=d.answer_field, answer_spaces=d.answer_spaces)
+    examples, report = load_examples_for(path, d, limit, numeric=numeric)
     if not examples:
         raise ValueError(f"{path}: no usable rows ({report.summary()}). Evaluation needs a "
                          f"{'numeric ' if numeric else ''}`{d.answer_field}` (data.answer_field) in every row.")

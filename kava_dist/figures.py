@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kava_dist.backbone import parts  # noqa: E402
 from kava_dist.config import KavaConfig  # noqa: E402
-from kava_dist.prompts import COT_JOINERS, collate, encode_examples, load_examples  # noqa: E402
+from kava_dist.prompts import COT_JOINERS, collate, encode_examples, load_examples_for  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,7 @@ def plot_training_curves(metrics_path: str | Path, out_png: str | Path, smooth: 
 
 def figure_batch(cfg: KavaConfig, tokenizer, special, data_path: str | Path, n_examples: int):
     """A batch of the first `n_examples` rows with a non-empty teacher CoT, and their CoT texts."""
-    examples, _ = load_examples(data_path, cot_style=cfg.data.cot_style, numeric_answer=cfg.data.numeric_answer,
-                                limit=max(4 * n_examples, 64), answer_field=cfg.data.answer_field,
-                                answer_spaces=cfg.data.answer_spaces)
+    examples, _ = load_examples_for(data_path, cfg.data, max(4 * n_examples, 64))
     enc, _ = encode_examples(examples, tokenizer, answer_prompt=cfg.data.answer_prompt,
                              drop_last_step=cfg.data.drop_last_step, max_tokens=cfg.data.max_tokens)
     keep = [e for e in enc if e.cot_ids][:n_examples]

@@ -365,12 +365,21 @@ class Batch:
         return int(self.q_mask.sum() + self.cot_mask.sum() + self.ans_mask.sum())
 
 
+def load_examples_for(path: str | Path, data, limit: int = 0,
+                      numeric: bool | None = None) -> tuple[list[Example], DataReport]:
+    """`load_examples` with every `DataConfig` reading setting (CoT style, answer field and form, numeric check):
+    the one place a new data setting is wired, for training, validation, evaluation and probes alike. `numeric`
+    overrides `data.numeric_answer` (evaluation keeps rows its scoring can read: `data.answer_match`)."""
+    numeric = data.numeric_answer if numeric is None else numeric
+    return load_examples(path, cot_style=data.cot_style, numeric_answer=numeric, limit=limit,
+                         answer_field=data.answer_field, answer_spaces=data.answer_spaces)
+
+
 def load_training_set(data, tokenizer) -> tuple[list[Encoded], DataReport]:
     """`data.train_path` loaded and encoded with every `DataConfig` setting (style, answer prompt, last-step drop,
     length limit, row limit): the one definition of "the training examples" that the trainer, the cache build
     and its benchmark share, so a store's rows and a run's examples cannot drift apart."""
-    examples, report = load_examples(data.train_path, data.cot_style, data.numeric_answer, data.limit,
-                                     data.answer_field, data.answer_spaces)
+    examples, report = load_examples_for(data.train_path, data, data.limit)
     report.check_malformed(data.max_bad_fraction)
     return encode_examples(examples, tokenizer, data.answer_prompt, data.drop_last_step, data.max_tokens, report)
 

@@ -43,7 +43,7 @@ from kava_dist.example_map import ExampleMap
 from kava_dist.guard import Refusal
 from kava_dist.fused import apply_fused
 from kava_dist.loader import StoreLoader, TokenLoader, align_store, plan_for, read_processes
-from kava_dist.prompts import check_data_file, collate, encode_examples, load_examples, load_training_set
+from kava_dist.prompts import check_data_file, collate, encode_examples, load_examples_for, load_training_set
 from kava_dist.run import RunDir
 from kava_dist.student import cot_removed_at
 from kava_dist.targets import open_targets
@@ -159,8 +159,7 @@ class Trainer:
                         self.cfg.train.eval_every)
             return []
         n_acc = self.cfg.eval.valid_questions
-        examples, _ = load_examples(d.valid_path, d.cot_style, d.numeric_answer,
-                                    max(self.cfg.eval.limit or 256, n_acc), d.answer_field, d.answer_spaces)
+        examples, _ = load_examples_for(d.valid_path, d, max(self.cfg.eval.limit or 256, n_acc))
         enc, _ = encode_examples(examples, self.tokenizer, d.answer_prompt, d.drop_last_step, d.max_tokens)
         if n_acc:   # decoded for the accuracy curve: this rank's share of the first n_acc questions
             if self.cfg.train.zero_stage == 3:

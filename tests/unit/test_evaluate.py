@@ -320,7 +320,7 @@ def test_answer_without_spaces_is_what_is_learned_and_scored(tmp_path, tiny_path
     from transformers import AutoTokenizer
 
     from kava_dist.config import load_config
-    from kava_dist.prompts import load_examples, load_training_set
+    from kava_dist.prompts import load_examples, load_examples_for, load_training_set
 
     p = tmp_path / "m.jsonl.gz"
     with gzip.open(p, "wt") as f:
@@ -336,6 +336,9 @@ def test_answer_without_spaces_is_what_is_learned_and_scored(tmp_path, tiny_path
     assert compact[0].cot_ids == spaced[0].cot_ids            # the chain (the KV targets' source) is untouched
     ex, _ = load_examples(p, numeric_answer=True, answer_field="answer_icot", answer_spaces=False)
     assert [e.answer for e in ex] == ["804"]                  # a digit string: numeric checks accept it
+    data = load_config(None, base + ["data.answer_spaces=false"]).data
+    ex, _ = load_examples_for(p, data, numeric=True)          # what validation, evaluation and probes read
+    assert [e.answer for e in ex] == ["804"]
 
 
 def test_latent_decoding_says_whether_the_last_step_was_dropped(tmp_path):
