@@ -259,7 +259,11 @@ class TrainConfig:
     """Linear warmup over this many optimizer steps; > 0 replaces warmup_ratio. Use it with train.time_limit_min,
     where the steps a run reaches are not known in advance and a ratio of max_steps may never finish warming up."""
     lr_schedule: str = "cosine"
-    """After the warmup: cosine (decay to 0 at the last step) | constant (the peak lr to the end)."""
+    """After the warmup: cosine (decay to 0 at the last step) | constant (the peak lr to the end) | wsd (the peak,
+    then a linear decay over the last train.lr_decay_steps steps). With train.time_limit_min, set train.max_steps
+    to the steps the limit allows, or the decay is cut short."""
+    lr_decay_steps: int = 0
+    """wsd only: optimizer steps of the final linear decay (0 = a fifth of the steps after the warmup)."""
     time_limit_min: float = 0.0
     """Stop at the first optimizer step past this many minutes of training, then checkpoint and export as at the
     end of the run (0 = no limit). metrics.jsonl and the exported kava.json record the step and examples seen."""
@@ -375,7 +379,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "store.dtype": ("bf16", "fp16", "fp32", "int8", "int4"),
     "store.codec": ("zstd", "blosc-zstd", "none"),
     "train.stage": ("teacher", "student", "online", "nocot"),
-    "train.lr_schedule": ("cosine", "constant"),
+    "train.lr_schedule": ("cosine", "constant", "wsd"),
     "train.zero_stage": (0, 1, 2, 3),
     "train.precision": ("auto", "bf16", "fp32"),
 }
@@ -570,7 +574,7 @@ def validate(cfg: KavaConfig) -> None:
               "train.weight_decay", "train.grad_clip", "train.max_steps", "train.epochs", "data.limit", "eval.limit",
               "train.stop_at_step", "train.keep_checkpoints", "train.save_every", "train.eval_every",
               "train.group_by_length", "train.time_limit_min", "train.loader_switch_interval_ms", "train.warmup_steps",
-              "eval.valid_questions",
+              "train.lr_decay_steps", "eval.valid_questions",
               "latent.cot_curriculum_steps", "store.cache_bytes"]
     for name in nonneg:
         if get_field(cfg, name) < 0:

@@ -177,18 +177,32 @@ def warmup_steps(total_steps: int, warmup_ratio: float, steps: int = 0) -> int:
     return steps if steps > 0 else int(round(warmup_ratio * total_steps))
 
 
+def decay_steps(total_steps: int, warmup: int, steps: int = 0) -> int:
+    """The final decay's optimizer steps for `wsd`: `steps` (train.lr_decay_steps) when > 0, else a fifth of the
+    steps after the warm-up."""
+    return steps if steps > 0 else max(1, int(round(0.2 * (total_steps - warmup))))
+
+
 def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float, schedule: str = "cosine",
-                       warmup: int = 0):
+                       warmup: int = 0, decay: int = 0):
     """LR factor for optimizer step k (0-based): (k+1)/W for k < W (`warmup_steps`), then
     0.5 * (1 + cos(pi * (k - W) / (total - W))): peak at k = W, 0 after the last step. `schedule="constant"`
-    holds the peak after the warmup (runs cut by train.time_limit_min, or compared at any point of the curve)."""
+    holds the peak after the warmup (runs cut by train.time_limit_min, or compared at any point of the curve).
+    `schedule="wsd"` (warm-up, stable, decay) holds the peak, then falls linearly over the last D steps
+    (`decay_steps`): (total - k) / D for k >= total - D, so the last step runs at peak / D."""
     warm = warmup_steps(total_steps, warmup_ratio, warmup)
+    tail = decay_steps(total_steps, warm, decay) if schedule == "wsd" else 0
+    if tail > total_steps - warm:
+        raise ValueError(f"train.lr_decay_steps={tail} is more than the {total_steps - warm} steps after the warmup "
+                         f"({total_steps} in all): lower it, or raise train.max_steps.")
 
     def factor(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
         if schedule == "constant":
             return 1.0
+        if schedule == "wsd":
+            return min(1.0, max(0.0, (total_steps - step) / tail))
         progress = (step - warm) / max(1, total_steps - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -267,7 +281,8 @@ def build_engine(model, tc: TrainConfig, total_steps: int, dist: Dist, load_univ
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
-    sched = cosine_with_warmup(opt, total_steps, tc.warmup_ratio, tc.lr_schedule, tc.warmup_steps)
+    sched = cosine_with_warmup(opt, total_steps, tc.warmup_ratio, tc.lr_schedule, tc.warmup_steps,
+                               tc.lr_decay_steps)
     ds_cfg = deepspeed_config(tc, dist.world_size, dist.device, load_universal)
     if tc.zero_stage == 3:
         _register_zero3_external(model)

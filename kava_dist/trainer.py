@@ -330,6 +330,10 @@ class Trainer:
                         log.warning("the run stopped inside its %d-step warm-up: the lr reached %.3g of train.lr=%g. "
                                     "Set train.warmup_steps to fewer steps than the time limit allows (or lower "
                                     "train.max_steps, from which train.warmup_ratio counts).", warm, lr, tc.lr)
+                    elif tc.lr_schedule == "wsd":
+                        log.warning("the run stopped before its wsd decay ended: the lr was still %.3g (train.lr=%g). Set "
+                                    "train.max_steps to the steps the time limit allows (this run: %d).", lr, tc.lr,
+                                    done)
                 break
         bar.close()
         if final < self.total_steps:   # ended by train.time_limit_min: a finished run at step `final`

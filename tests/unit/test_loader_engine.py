@@ -310,10 +310,10 @@ def test_store_rows_unknown_to_the_data_are_an_error():
 # ----------------------------------------------------------------------------- schedule and DeepSpeed config
 
 
-def lrs(total: int, warmup: float, peak: float = 1.0) -> list[float]:
+def lrs(total: int, ratio: float, peak: float = 1.0, **schedule) -> list[float]:
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=peak)
-    sched = E.cosine_with_warmup(opt, total, warmup)
+    sched = E.cosine_with_warmup(opt, total, ratio, **schedule)
     out = []
     for _ in range(total):
         out.append(opt.param_groups[0]["lr"])
@@ -328,6 +328,14 @@ def test_cosine_with_warmup_values():
     assert got == pytest.approx(want)
     assert got[1] == got[2] == max(got) and all(a > b for a, b in zip(got[2:], got[3:]))   # peak, then decay
     assert lrs(4, 0.0) == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_steps():
+    got = lrs(10, 0.0, peak=2.0, schedule="wsd", warmup=2, decay=4)
+    assert got == pytest.approx([1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 1.5, 1.0, 0.5])
+    assert lrs(10, 0.0, schedule="wsd")[-3:] == pytest.approx([1.0, 1.0, 0.5])   # default: the last fifth (2 steps)
+    with pytest.raises(ValueError, match="train.lr_decay_steps=9.*raise train.max_steps"):
+        lrs(10, 0.0, schedule="wsd", warmup=2, decay=9)
 
 
 @pytest.fixture(scope="module")
