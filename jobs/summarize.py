@@ -3,6 +3,8 @@ question, examples seen), details.json, summary.md and curves.png (validation ac
 
 Usage:
     python -m jobs.summarize runs/mult4x4 --out experiments/mult4x4 [--dataset mult4x4]
+    python -m jobs.summarize runs/plan_a runs/plan_b --out OUT      # several matrices, one table (the first
+                                                                    # given wins a run name found twice)
 """
 from __future__ import annotations
 
@@ -11,26 +13,28 @@ import logging
 import sys
 from pathlib import Path
 
-from kava_dist.matrix_summary import collect, write_summary
+from kava_dist.matrix_summary import collect_all, write_summary
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("root", help="the matrix's out folder (one run folder per job, matrix.json)")
+    ap.add_argument("roots", nargs="+", metavar="root",
+                    help="a matrix's out folder (one run folder per job, matrix.json); several are summarised together")
     ap.add_argument("--out", required=True, help="folder for summary.json, details.json, summary.md, curves.png")
     ap.add_argument("--dataset", default="mult4x4", help="evaluated set whose eval/NAME.json is summarised")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    root = Path(args.root)
-    if not root.is_dir():
-        print(f"error: {root} is not a folder. Pass the matrix's out folder (e.g. runs/mult4x4).", file=sys.stderr)
-        return 2
-    runs = collect(root, args.dataset)
+    roots = [Path(r) for r in args.roots]
+    for root in roots:
+        if not root.is_dir():
+            print(f"error: {root} is not a folder. Pass the matrix's out folder (e.g. runs/mult4x4).", file=sys.stderr)
+            return 2
+    runs = collect_all(roots, args.dataset)
     if not any("accuracy" in r for r in runs):
-        print(f"error: no run under {root} has eval/{args.dataset}.json yet. Evaluate the runs first "
-              "(python -m jobs.evaluate).", file=sys.stderr)
+        print(f"error: no run under {', '.join(map(str, roots))} has eval/{args.dataset}.json yet. Evaluate the runs "
+              "first (python -m jobs.evaluate).", file=sys.stderr)
         return 2
-    for name, path in write_summary(runs, args.out, args.dataset, root).items():
+    for name, path in write_summary(runs, args.out, args.dataset, roots if len(roots) > 1 else roots[0]).items():
         logging.getLogger("jobs.summarize").info("%s: %s", name, path)
     return 0
 

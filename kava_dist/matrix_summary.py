@@ -3,9 +3,14 @@ wall time and rate per stage, the command behind each run, and the validation ac
 
 Usage:
     python -m jobs.summarize runs/mult4x4 --out experiments/mult4x4
-    from kava_dist.matrix_summary import collect, write_summary
+    python -m jobs.summarize runs/plan_a runs/plan_b --out experiments/mult4x4   # several matrices, one table
+    from kava_dist.matrix_summary import collect, collect_all, write_summary
     runs = collect("runs/mult4x4", dataset="mult4x4")     # one dict per finished run folder
     write_summary(runs, "experiments/mult4x4")            # summary.json, details.json, summary.md, curves.png
+
+Several matrices (plans run one after another, e.g. one per seed) summarise into one table with `collect_all`:
+a method's seeds come from every matrix; a run folder name found in more than one matrix (each plan's
+`teacher`) is taken from the first matrix given, and the others are logged as left out.
 
 A run's method is its folder name without a `_s<seed>` suffix (`kava_s1` -> `kava`). `summary.json` holds, per
 method, exactly {"accuracy": [per-seed fractions], "passes_per_question": mean, "examples_seen": mean};
@@ -86,6 +91,20 @@ def collect(root: str | Path, dataset: str = "mult4x4") -> list[dict[str, Any]]:
     return runs
 
 
+def collect_all(roots: list[str | Path], dataset: str = "mult4x4") -> list[dict[str, Any]]:
+    """`collect` over several matrices' out folders; a run name seen before (an earlier root's) is left out."""
+    runs, seen = [], {}
+    for root in roots:
+        for rec in collect(root, dataset):
+            if rec["run"] in seen:
+                log.warning("%s/%s left out: the run %s is taken from %s", root, rec["run"], rec["run"],
+                            seen[rec["run"]])
+                continue
+            seen[rec["run"]] = str(root)
+            runs.append({**rec, "root": str(root)})
+    return runs
+
+
 def by_method(runs: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in runs:
@@ -126,7 +145,9 @@ def summary_markdown(runs: list[dict], dataset: str) -> str:
                      f"{_fmt_s(mean('train_wall_s'))} | {_fmt_s(mean('eval_wall_s'))} | "
                      f"{_fmt_s(mean('samples_per_s'))} |")
     lines += ["", "Commands (one per run):", ""]
-    lines += [f"- `{r['run']}`: `{r['command']}`" for r in runs if r.get("command")]
+    roots = len({r.get("root") for r in runs}) > 1
+    lines += [f"- `{r['run']}`" + (f" (`{r['root']}`)" if roots else "") + f": `{r['command']}`"
+              for r in runs if r.get("command")]
     return "\n".join(lines) + "\n"
 
 
@@ -170,13 +191,19 @@ def stage_table(root: str | Path) -> str:
 
 
 def write_summary(runs: list[dict], out_dir: str | Path, dataset: str = "mult4x4",
-                  root: str | Path | None = None) -> dict[str, Path]:
+                  root: str | Path | list[str | Path] | None = None) -> dict[str, Path]:
+    """Write summary.json, details.json, summary.md (with each matrix's job table: `root`, one folder or a list)
+    and curves.png under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"summary": out_dir / "summary.json", "details": out_dir / "details.json",
              "markdown": out_dir / "summary.md", "curves": out_dir / "curves.png"}
     paths["summary"].write_text(json.dumps(summary_json(runs), indent=1) + "\n")
     paths["details"].write_text(json.dumps(runs, indent=1) + "\n")
-    paths["markdown"].write_text(summary_markdown(runs, dataset) + ("\n" + stage_table(root) if root else ""))
+    roots = [] if root is None else [root] if isinstance(root, (str, Path)) else list(root)
+    tables = [stage_table(r) for r in roots]
+    if len(roots) > 1:
+        tables = [f"`{r}`: {t}" for r, t in zip(roots, tables) if t]
+    paths["markdown"].write_text(summary_markdown(runs, dataset) + "".join("\n" + t for t in tables if t))
     plot_curves(runs, paths["curves"], dataset=f"{dataset} valid")
     return paths

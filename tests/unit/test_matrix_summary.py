@@ -51,3 +51,23 @@ def test_an_evaluation_under_other_settings_is_a_row_of_its_own(tmp_path):
     assert s["kava_t6@t3"] == {"accuracy": [0.5], "passes_per_question": 20.0, "examples_seen": 2560}
     md = write_summary(collect(tmp_path), tmp_path / "out")["markdown"].read_text()
     assert "evaluated with --set latent.num_iterations=3" in md
+
+
+def test_several_matrices_summarise_into_one_table(tmp_path):
+    """Plans run one after another (a seed each) give one method row; a run name in both (each plan's teacher) is
+    taken from the first matrix given."""
+    from jobs.summarize import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, kava, teacher in ((a, ("kava_s0", 700), 1000), (b, ("kava_s1", 750), 990)):
+        _run(root, kava[0], kava[1], passes=16.0)
+        _run(root, "teacher", teacher, passes=97.0)
+        (root / "matrix.json").write_text(json.dumps({"elapsed_s": 100.0, "slots": 2, "jobs": [
+            {"name": kava[0], "argv": ["py", "-m", "jobs.train", root.name], "wall_s": 60.0, "status": "ok"}]}))
+    assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["kava"] == {"accuracy": [0.7, 0.75], "passes_per_question": 16.0, "examples_seen": 2560}
+    assert s["teacher"]["accuracy"] == [1.0]                           # a's teacher; b's is left out
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert f"`kava_s1` (`{b}`): `-m jobs.train b`" in md and md.count("Matrix wall time") == 2
+    assert main([str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "out2")]) == 2
