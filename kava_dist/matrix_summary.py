@@ -14,7 +14,8 @@ a method's seeds come from every matrix; a run folder name found in more than on
 
 A run's method is its folder name without a `_s<seed>` suffix (`kava_s1` -> `kava`). `summary.json` holds, per
 method, exactly {"accuracy": [per-seed fractions], "passes_per_question": mean, "examples_seen": mean};
-`details.json` adds per-run intervals, walls, rates and commands. Reads each run's eval/{dataset}.json,
+`details.json` adds per-run intervals, walls, rates and commands, and for digit-string answers the digits right
+at each position (`digits`, also a table in summary.md). Reads each run's eval/{dataset}.json,
 metrics.jsonl, adapter/kava.json and the matrix's matrix.json (job commands and wall times). An evaluation under
 other settings (`jobs.evaluate --set latent.num_iterations=3 --out-dir RUN/eval_t3`) is a row of its own,
 method `{method}@t3`, beside the run's.
@@ -25,6 +26,7 @@ import json
 import logging
 import re
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,20 @@ _SEED = re.compile(r"_s(\d+)$")
 def method_of(name: str) -> tuple[str, int | None]:
     m = _SEED.search(name)
     return (name[: m.start()], int(m.group(1))) if m else (name, None)
+
+
+def digit_positions(records: list[dict]) -> dict[str, Any] | None:
+    """For answers that are digit strings of one length (spaces ignored): the fraction of questions whose digit at
+    each position is right (in the answer's written order), and how many digits each wrong answer gets wrong.
+    None for other answers."""
+    golds = ["".join(str(r.get("gold", "")).split()) for r in records]
+    if not golds or not all(g.isdigit() for g in golds) or len({len(g) for g in golds}) != 1:
+        return None
+    preds = ["".join(str(r.get("pred") or "").split()) for r in records]
+    width = len(golds[0])
+    right = [sum(p[i:i + 1] == g[i] for p, g in zip(preds, golds)) / len(golds) for i in range(width)]
+    wrong = Counter(sum(p[i:i + 1] != g[i] for i in range(width)) for p, g in zip(preds, golds) if p != g)
+    return {"by_position": right, "digits_wrong_per_wrong_answer": {str(k): wrong[k] for k in sorted(wrong)}}
 
 
 def collect(root: str | Path, dataset: str = "mult4x4") -> list[dict[str, Any]]:
@@ -74,20 +90,24 @@ def collect(root: str | Path, dataset: str = "mult4x4") -> list[dict[str, Any]]:
                                "eval_wall_s": jobs.get(f"{run.name}.eval", {}).get("wall_s"),
                                "command": " ".join(jobs.get(run.name, {}).get("argv", [])[1:])}
         if ev.exists():
-            s = json.loads(ev.read_text())["summary"]
+            doc = json.loads(ev.read_text())
+            s = doc["summary"]
             rec.update(accuracy=s["accuracy"], correct=s["correct"], n=s["n"], ci95=s["ci95"],
-                       passes_per_question=s["forward_passes"], mode=s["mode"])
+                       passes_per_question=s["forward_passes"], mode=s["mode"],
+                       digits=digit_positions(doc.get("records", [])))
         else:
             log.warning("%s has no eval/%s.json: left out of the accuracy table", run, dataset)
         runs.append(rec)
         for extra in sorted(run.glob(f"eval_*/{dataset}.json")):   # jobs.evaluate --set ... --out-dir RUN/eval_X
-            s = json.loads(extra.read_text())["summary"]
+            doc = json.loads(extra.read_text())
+            s = doc["summary"]
             tag = extra.parent.name[len("eval_"):]
             how = " ".join(f"--set {o}" for o in s.get("overrides", []))
             runs.append({**rec, "run": f"{run.name}@{tag}", "method": f"{method}@{tag}", "curve": [], "curve_ce": [],
                          "eval_wall_s": None, "command": f"{rec['command']}, evaluated with {how or extra.parent.name}",
                          "accuracy": s["accuracy"], "correct": s["correct"], "n": s["n"], "ci95": s["ci95"],
-                         "passes_per_question": s["forward_passes"], "mode": s["mode"]})
+                         "passes_per_question": s["forward_passes"], "mode": s["mode"],
+                         "digits": digit_positions(doc.get("records", []))})
     return runs
 
 
@@ -144,6 +164,18 @@ def summary_markdown(runs: list[dict], dataset: str) -> str:
                      f"{mean('passes_per_question'):.1f} | {', '.join(f'{s:,}' for s in seen)} | "
                      f"{_fmt_s(mean('train_wall_s'))} | {_fmt_s(mean('eval_wall_s'))} | "
                      f"{_fmt_s(mean('samples_per_s'))} |")
+    digits = [r for r in runs if r.get("digits")]
+    if digits:
+        width = len(digits[0]["digits"]["by_position"])
+        lines += ["", "Digits right by position, in the answer's written order (% of questions), and the wrong "
+                  "answers by how many digits they get wrong:", "",
+                  "| run | " + " | ".join(str(i + 1) for i in range(width)) + " | wrong answers: digits wrong (count) |",
+                  "|---|" + "---:|" * width + "---|"]
+        for r in digits:
+            d = r["digits"]
+            wrong = ", ".join(f"{k}: {v}" for k, v in d["digits_wrong_per_wrong_answer"].items())
+            lines.append(f"| {r['run']} | " + " | ".join(f"{100 * x:.1f}" for x in d["by_position"]) +
+                         f" | {wrong} |")
     lines += ["", "Commands (one per run):", ""]
     roots = len({r.get("root") for r in runs}) > 1
     lines += [f"- `{r['run']}`" + (f" (`{r['root']}`)" if roots else "") + f": `{r['command']}`"

@@ -71,3 +71,16 @@ def test_several_matrices_summarise_into_one_table(tmp_path):
     md = (tmp_path / "out" / "summary.md").read_text()
     assert f"`kava_s1` (`{b}`): `-m jobs.train b`" in md and md.count("Matrix wall time") == 2
     assert main([str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "out2")]) == 2
+
+
+def test_digit_answers_are_scored_by_position():
+    """Digit-string answers: the share right at each written position, and the wrong answers by digits wrong."""
+    from kava_dist.matrix_summary import digit_positions
+
+    recs = [{"gold": "8 0 4", "pred": "8 0 4"}, {"gold": "123", "pred": "124"}, {"gold": "555", "pred": "5"},
+            {"gold": "900", "pred": None}]
+    d = digit_positions(recs)
+    assert d["by_position"] == [0.75, 0.5, 0.25]
+    assert d["digits_wrong_per_wrong_answer"] == {"1": 1, "2": 1, "3": 1}
+    assert digit_positions([{"gold": "12", "pred": "12"}, {"gold": "123", "pred": "123"}]) is None   # lengths differ
+    assert digit_positions([{"gold": "3.5", "pred": "3.5"}]) is None                                 # not digits
