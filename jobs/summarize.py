@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run under {', '.join(map(str, roots))} has eval/{args.dataset}.json yet. Evaluate the runs "
               "first (python -m jobs.evaluate).", file=sys.stderr)
         return 2
-    for name, path in write_summary(runs, args.out, args.dataset, roots if len(roots) > 1 else roots[0]).items():
+    for name, path in write_summary(runs, args.out, args.dataset, roots).items():
         logging.getLogger("jobs.summarize").info("%s: %s", name, path)
     return 0
 

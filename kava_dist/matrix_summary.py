@@ -90,25 +90,26 @@ def collect(root: str | Path, dataset: str = "mult4x4") -> list[dict[str, Any]]:
                                "eval_wall_s": jobs.get(f"{run.name}.eval", {}).get("wall_s"),
                                "command": " ".join(jobs.get(run.name, {}).get("argv", [])[1:])}
         if ev.exists():
-            doc = json.loads(ev.read_text())
-            s = doc["summary"]
-            rec.update(accuracy=s["accuracy"], correct=s["correct"], n=s["n"], ci95=s["ci95"],
-                       passes_per_question=s["forward_passes"], mode=s["mode"],
-                       digits=digit_positions(doc.get("records", [])))
+            rec.update(_scored(json.loads(ev.read_text())))
         else:
             log.warning("%s has no eval/%s.json: left out of the accuracy table", run, dataset)
         runs.append(rec)
         for extra in sorted(run.glob(f"eval_*/{dataset}.json")):   # jobs.evaluate --set ... --out-dir RUN/eval_X
             doc = json.loads(extra.read_text())
-            s = doc["summary"]
             tag = extra.parent.name[len("eval_"):]
-            how = " ".join(f"--set {o}" for o in s.get("overrides", []))
+            how = " ".join(f"--set {o}" for o in doc["summary"].get("overrides", []))
             runs.append({**rec, "run": f"{run.name}@{tag}", "method": f"{method}@{tag}", "curve": [], "curve_ce": [],
                          "eval_wall_s": None, "command": f"{rec['command']}, evaluated with {how or extra.parent.name}",
-                         "accuracy": s["accuracy"], "correct": s["correct"], "n": s["n"], "ci95": s["ci95"],
-                         "passes_per_question": s["forward_passes"], "mode": s["mode"],
-                         "digits": digit_positions(doc.get("records", []))})
+                         **_scored(doc)})
     return runs
+
+
+def _scored(doc: dict) -> dict[str, Any]:
+    """A run's fields from one evaluation file (jobs.evaluate's {"summary", "records"})."""
+    s = doc["summary"]
+    return {"accuracy": s["accuracy"], "correct": s["correct"], "n": s["n"], "ci95": s["ci95"],
+            "passes_per_question": s["forward_passes"], "mode": s["mode"],
+            "digits": digit_positions(doc.get("records", []))}
 
 
 def collect_all(roots: list[str | Path], dataset: str = "mult4x4") -> list[dict[str, Any]]:
